@@ -1,0 +1,3 @@
+from xenswap.cli import main
+
+raise SystemExit(main())
