@@ -49,7 +49,7 @@ def candidate_version(package: str) -> str:
 
 
 def kernel_package() -> str:
-    """The concrete kernel package behind Debian's ``linux-image-amd64`` metapackage (e.g. linux-image-6.1.0-56-amd64)."""
+    """The kernel package behind Debian's linux-image-amd64 metapackage (e.g. linux-image-6.1.0-56-amd64)."""
     out = _run(["apt-cache", "depends", "linux-image-amd64"])
     for line in out.splitlines():
         line = line.strip()
