@@ -19,6 +19,7 @@ from xenswap.errors import XenswapError
 # Areas that contribute sub-commands; a module that does not exist yet is simply not offered.
 COMMAND_MODULES = [
     "xenswap.hv.cli",
+    "xenswap.hv.qemu.cli",
     "xenswap.core.cli",
     "xenswap.storage.cli",
     "xenswap.net.cli",
