@@ -6,6 +6,7 @@ import argparse
 import time
 
 from xenswap.cli import print_json, print_table
+from xenswap.figures import DomainFigures
 from xenswap.hv import select_hypervisor
 
 HEADERS = ["Name", "ID", "Mem", "VCPUs", "State", "Time(s)", "Res(MiB)", "WSS(MiB)", "Idle(s)"]
@@ -18,6 +19,7 @@ def _fmt(value: float | None, digits: int = 1) -> str | None:
 def cmd_list(args: argparse.Namespace) -> int:
     hv = select_hypervisor(args.hv)
     domains = [hv.lookup(ref) for ref in args.domains] if args.domains else hv.list_domains()
+    domains = DomainFigures().fill(hv.name, domains)
     if args.json:
         print_json([d.to_json() for d in domains])
         return 0
