@@ -26,6 +26,7 @@ COMMAND_MODULES = [
     "xenswap.guest.cli",
     "xenswap.rig.cli",
     "xenswap.hv.xen.cli",
+    "xenswap.share",
     "xenswap.daemon",
 ]
 
