@@ -1,0 +1,865 @@
+"""The branching block store: golden images, disks (branches), snapshots, and their deltas.
+
+Layout of a store directory (``state_dir()/storage`` unless ``--store DIR``)::
+
+    meta.sqlite3        images, disks, snapshots, layers, cluster maps (WAL, synchronous=FULL)
+    golden/NAME.raw     a golden image: read-only, linear (VBA = offset), no map at all
+    golden/NAME.sum     per block: CRC32 (u32) -- detects a golden image changed under us
+    data/ID.blk         append-only data of the active layer ID (block i at offset i * block_size)
+    locks/NAME.lock     held by a server while it has the disk open read-write
+
+Every object shares one name space: an export name is an object name. A disk reads through at most three
+levels: its active delta (read-write), its base delta (the migration delta: read-only, the flattened state
+at the last snapshot/commit, possibly shared with snapshots and other disks), then the golden image.
+Taking a snapshot flattens base + active into a new frozen layer, so lookup cost never grows with history.
+
+Crash safety: written blocks go to the active data file first; their map entries reach sqlite only at a
+flush (or FUA write, or close), after the data file is fsynced, in one transaction. A kill at any point
+leaves either the old or the new map entry, each pointing at data that was durable before it; blocks
+written since the last flush may be lost but are never torn. Every block carries a CRC32 checked on read.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import re
+import sqlite3
+import struct
+import subprocess
+import time
+import weakref
+import zlib
+from array import array
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from xenswap.config import state_dir
+from xenswap.errors import XenswapError
+from xenswap.storage.blockmap import (
+    CLUSTER_BLOCKS,
+    CLUSTER_SHIFT,
+    ENTRY,
+    ENTRY_SIZE,
+    ZERO_FILE,
+    DeltaMap,
+)
+
+DEFAULT_BLOCK_SIZE = 4096
+NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+DELTA_MAGIC = b"XSDELTA1"
+DELTA_RECORD = struct.Struct("<QII")  # vba, kind (0 data, 1 zero), crc32
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS objects (
+    name TEXT PRIMARY KEY,
+    kind TEXT NOT NULL CHECK (kind IN ('golden', 'disk', 'snapshot')),
+    golden TEXT NOT NULL,
+    parent TEXT,
+    base_layer INTEGER,
+    active_layer INTEGER,
+    size INTEGER NOT NULL,
+    block_size INTEGER NOT NULL,
+    created REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS layers (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    state TEXT NOT NULL CHECK (state IN ('active', 'frozen')),
+    created REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS clusters (
+    layer INTEGER NOT NULL,
+    cidx INTEGER NOT NULL,
+    entries BLOB NOT NULL,
+    PRIMARY KEY (layer, cidx)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS layer_files (
+    layer INTEGER NOT NULL,
+    file INTEGER NOT NULL,
+    PRIMARY KEY (layer, file)
+) WITHOUT ROWID;
+"""
+
+
+class StorageError(XenswapError):
+    """A storage operation the user asked for cannot be done as asked."""
+
+
+class CorruptBlock(StorageError):
+    """A block's checksum does not match: the data file or golden image was damaged."""
+
+
+class InUse(StorageError):
+    pass
+
+
+@dataclass
+class ObjectInfo:
+    name: str
+    kind: str
+    golden: str
+    parent: str | None
+    base_layer: int | None
+    active_layer: int | None
+    size: int
+    block_size: int
+    created: float
+
+    def to_json(self) -> dict[str, object]:
+        return {
+            "name": self.name, "kind": self.kind, "golden": self.golden, "parent": self.parent,
+            "size": self.size, "block_size": self.block_size, "created": self.created,
+            "read_only": self.kind != "disk",
+        }
+
+
+def _check_name(name: str) -> None:
+    if not NAME_RE.match(name):
+        raise StorageError(f"bad name {name!r}: use 1-64 letters, digits, '.', '_' or '-', not starting with a symbol")
+
+
+class GoldenSums:
+    """Per-block CRC32s of a golden image (shared by every open disk on it)."""
+
+    def __init__(self, path: Path, block_size: int) -> None:
+        self.sums = array("I")
+        with open(path.with_suffix(".sum"), "rb") as f:
+            self.sums.frombytes(f.read())
+
+
+class Golden:
+    """A golden image opened for reading, with its per-block checksums."""
+
+    def __init__(self, path: Path, block_size: int, sums: GoldenSums) -> None:
+        self.path = path
+        self.block_size = block_size
+        self.fd = os.open(path, os.O_RDONLY)
+        self.size = os.fstat(self.fd).st_size
+        self.shared_sums = sums
+        self.sums = sums.sums
+        self.zero_crc = zlib.crc32(bytes(block_size))
+
+    def is_zero(self, vba: int) -> bool:
+        # A CRC match with the zero block is only a hint; callers that must be sure re-check the bytes.
+        return self.sums[vba] == self.zero_crc
+
+    def close(self) -> None:
+        os.close(self.fd)
+
+
+def _write_golden_sums(path: Path, block_size: int) -> None:
+    sums = array("I")
+    with open(path, "rb") as f:
+        while True:
+            chunk = f.read(block_size * 256)
+            if not chunk:
+                break
+            for off in range(0, len(chunk), block_size):
+                sums.append(zlib.crc32(chunk[off : off + block_size]))
+    tmp = path.with_suffix(".sum.tmp")
+    with open(tmp, "wb") as f:
+        f.write(sums.tobytes())
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path.with_suffix(".sum"))
+
+
+class Store:
+    def __init__(self, root: Path | str | None = None, switch_clusters: int = 4096) -> None:
+        self.root = Path(root) if root is not None else state_dir() / "storage"
+        self.switch_clusters = switch_clusters
+        for sub in ("golden", "data", "locks"):
+            (self.root / sub).mkdir(parents=True, exist_ok=True)
+        self.db = sqlite3.connect(self.root / "meta.sqlite3", isolation_level=None, timeout=30)
+        self.db.execute("PRAGMA journal_mode=WAL")
+        self.db.execute("PRAGMA synchronous=FULL")
+        self.db.executescript(SCHEMA)
+        # Frozen layers never change, so disks on the same snapshot share one map object (and goldens
+        # their checksum tables): per-disk lookup memory is the active delta only.
+        self._frozen_maps: weakref.WeakValueDictionary[int, DeltaMap] = weakref.WeakValueDictionary()
+        self._goldens: weakref.WeakValueDictionary[str, GoldenSums] = weakref.WeakValueDictionary()
+
+    def close(self) -> None:
+        self.db.close()
+
+    # -- objects ---------------------------------------------------------------------------------------
+    def get(self, name: str) -> ObjectInfo:
+        row = self.db.execute(
+            "SELECT name, kind, golden, parent, base_layer, active_layer, size, block_size, created "
+            "FROM objects WHERE name = ?", (name,),
+        ).fetchone()
+        if row is None:
+            known = [r[0] for r in self.db.execute("SELECT name FROM objects ORDER BY name LIMIT 20")]
+            hint = f" (known: {', '.join(known)})" if known else " (the store is empty)"
+            raise StorageError(f"no image, disk or snapshot named {name!r}{hint}")
+        return ObjectInfo(*row)
+
+    def find(self, name: str) -> ObjectInfo | None:
+        try:
+            return self.get(name)
+        except StorageError:
+            return None
+
+    def list(self) -> list[ObjectInfo]:
+        rows = self.db.execute(
+            "SELECT name, kind, golden, parent, base_layer, active_layer, size, block_size, created "
+            "FROM objects ORDER BY created, name"
+        )
+        return [ObjectInfo(*r) for r in rows]
+
+    def _new_name(self, name: str) -> None:
+        _check_name(name)
+        if self.find(name) is not None:
+            raise StorageError(f"{name!r} already exists (pick another name or `xenswap disk rm {name}`)")
+
+    def golden_path(self, name: str) -> Path:
+        return self.root / "golden" / f"{name}.raw"
+
+    def data_path(self, file_id: int) -> Path:
+        return self.root / "data" / f"{file_id}.blk"
+
+    def create_golden(
+        self, name: str, source: str | None = None, size: int | None = None, block_size: int = DEFAULT_BLOCK_SIZE
+    ) -> ObjectInfo:
+        """A golden image from an image file (any format qemu-img reads: raw, qcow2, ...) or an empty one."""
+        self._new_name(name)
+        if block_size < 512 or block_size & (block_size - 1):
+            raise StorageError(f"block size {block_size} must be a power of two >= 512")
+        path = self.golden_path(name)
+        tmp = path.with_suffix(".raw.tmp")
+        if source is not None:
+            if not Path(source).exists():
+                raise StorageError(f"source image {source} does not exist")
+            proc = subprocess.run(
+                ["qemu-img", "convert", "-O", "raw", source, str(tmp)], capture_output=True, text=True
+            )
+            if proc.returncode != 0:
+                raise StorageError(f"qemu-img convert {source} failed: {proc.stderr.strip()}")
+        elif size is not None:
+            with open(tmp, "wb") as f:
+                f.truncate(size)
+        else:
+            raise StorageError("a golden image needs --from IMAGE or --size BYTES")
+        raw_size = tmp.stat().st_size
+        padded = -(-raw_size // block_size) * block_size
+        if padded != raw_size:
+            os.truncate(tmp, padded)
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o444)
+        os.replace(tmp, path)
+        _write_golden_sums(path, block_size)
+        self.db.execute(
+            "INSERT INTO objects (name, kind, golden, parent, size, block_size, created) "
+            "VALUES (?, 'golden', ?, NULL, ?, ?, ?)",
+            (name, name, padded, block_size, time.time()),
+        )
+        return self.get(name)
+
+    def _new_layer(self, state: str) -> int:
+        cur = self.db.execute("INSERT INTO layers (state, created) VALUES (?, ?)", (state, time.time()))
+        return int(cur.lastrowid)  # type: ignore[arg-type]
+
+    def branch(self, name: str, source: str) -> ObjectInfo:
+        """A new read-write disk on a golden image or a snapshot: shares all of it, stores only its changes."""
+        self._new_name(name)
+        src = self.get(source)
+        if src.kind == "disk":
+            raise StorageError(f"{source!r} is a live disk: snapshot it first (`xenswap disk snapshot {source} SNAP`)")
+        self.db.execute("BEGIN IMMEDIATE")
+        try:
+            active = self._new_layer("active")
+            self.db.execute(
+                "INSERT INTO objects (name, kind, golden, parent, base_layer, active_layer, size, block_size, "
+                "created) VALUES (?, 'disk', ?, ?, ?, ?, ?, ?, ?)",
+                (name, src.golden, source, src.base_layer, active, src.size, src.block_size, time.time()),
+            )
+            self.db.execute("COMMIT")
+        except BaseException:
+            self.db.execute("ROLLBACK")
+            raise
+        return self.get(name)
+
+    # -- maps ------------------------------------------------------------------------------------------
+    def load_map(self, layer: int | None) -> DeltaMap:
+        delta = DeltaMap(self.switch_clusters)
+        if layer is None:
+            return delta
+        for cidx, blob in self.db.execute("SELECT cidx, entries FROM clusters WHERE layer = ?", (layer,)):
+            delta.put_cluster(cidx, blob)
+        return delta
+
+    def shared_frozen_map(self, layer: int | None) -> DeltaMap:
+        if layer is None:
+            return DeltaMap(self.switch_clusters)
+        delta = self._frozen_maps.get(layer)
+        if delta is None:
+            delta = self._frozen_maps[layer] = self.load_map(layer)
+        return delta
+
+    def golden_sums(self, name: str, block_size: int) -> GoldenSums:
+        sums = self._goldens.get(name)
+        if sums is None:
+            sums = self._goldens[name] = GoldenSums(self.golden_path(name), block_size)
+        return sums
+
+    def _save_frozen(self, delta: DeltaMap) -> int:
+        """Write a whole map as a new frozen layer (inside the caller's transaction)."""
+        layer = self._new_layer("frozen")
+        files: set[int] = set()
+        rows = []
+        for cidx in delta.cluster_indexes():
+            blob = delta.cluster_blob(cidx)
+            if blob is None:
+                continue
+            rows.append((layer, cidx, blob))
+            for i in range(CLUSTER_BLOCKS):
+                file_id = ENTRY.unpack_from(blob, i * ENTRY_SIZE)[0]
+                if file_id and file_id != ZERO_FILE:
+                    files.add(file_id)
+        self.db.executemany("INSERT INTO clusters (layer, cidx, entries) VALUES (?, ?, ?)", rows)
+        self.db.executemany("INSERT INTO layer_files (layer, file) VALUES (?, ?)", [(layer, f) for f in files])
+        return layer
+
+    def lock_disk(self, name: str, wait: bool = False) -> int:
+        """An exclusive lock on a disk: a server holds it while it has the disk open read-write."""
+        fd = os.open(self.root / "locks" / f"{name}.lock", os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+        except BlockingIOError:
+            os.close(fd)
+            raise InUse(
+                f"disk {name!r} is open in a running `xenswap disk serve` (a client is connected); "
+                "disconnect its clients first"
+            ) from None
+        return fd
+
+    def _freeze_disk(self, info: ObjectInfo) -> int:
+        """Flatten base + active of a disk into a new frozen layer; the disk continues on it with an empty
+        active layer. Returns the frozen layer. Runs in one transaction: a crash leaves the old or new state."""
+        base = self.load_map(info.base_layer)
+        base.overlay(self.load_map(info.active_layer))
+        self.db.execute("BEGIN IMMEDIATE")
+        try:
+            frozen = self._save_frozen(base)
+            active = self._new_layer("active")
+            self.db.execute(
+                "UPDATE objects SET base_layer = ?, active_layer = ? WHERE name = ?", (frozen, active, info.name)
+            )
+            self._gc()
+            self.db.execute("COMMIT")
+        except BaseException:
+            self.db.execute("ROLLBACK")
+            raise
+        self._unlink_dead_files()
+        return frozen
+
+    def snapshot(self, disk: str, name: str) -> ObjectInfo:
+        """Freeze a disk's current contents as a read-only snapshot (itself exportable and branchable)."""
+        self._new_name(name)
+        info = self.get(disk)
+        if info.kind != "disk":
+            raise StorageError(f"{disk!r} is a {info.kind}, already read-only: branch from it instead")
+        lock = self.lock_disk(disk)
+        try:
+            frozen = self._freeze_disk(info)
+            self.db.execute(
+                "INSERT INTO objects (name, kind, golden, parent, base_layer, active_layer, size, block_size, "
+                "created) VALUES (?, 'snapshot', ?, ?, ?, NULL, ?, ?, ?)",
+                (name, info.golden, disk, frozen, info.size, info.block_size, time.time()),
+            )
+        finally:
+            os.close(lock)
+        return self.get(name)
+
+    def commit(self, disk: str) -> ObjectInfo:
+        """Fold the active delta into the base (migration) delta: done at migration time."""
+        info = self.get(disk)
+        if info.kind != "disk":
+            raise StorageError(f"{disk!r} is a {info.kind}: only disks have an active delta to commit")
+        lock = self.lock_disk(disk)
+        try:
+            self._freeze_disk(info)
+        finally:
+            os.close(lock)
+        return self.get(disk)
+
+    def remove(self, name: str) -> None:
+        info = self.get(name)
+        if info.kind == "golden":
+            users = [r[0] for r in self.db.execute(
+                "SELECT name FROM objects WHERE golden = ? AND name != ? ORDER BY name", (name, name))]
+            if users:
+                raise InUse(f"golden image {name!r} is used by {', '.join(users)}: remove those first")
+        lock = self.lock_disk(name) if info.kind == "disk" else None
+        try:
+            self.db.execute("BEGIN IMMEDIATE")
+            try:
+                self.db.execute("DELETE FROM objects WHERE name = ?", (name,))
+                self.db.execute("UPDATE objects SET parent = NULL WHERE parent = ?", (name,))
+                self._gc()
+                self.db.execute("COMMIT")
+            except BaseException:
+                self.db.execute("ROLLBACK")
+                raise
+        finally:
+            if lock is not None:
+                os.close(lock)
+                (self.root / "locks" / f"{name}.lock").unlink(missing_ok=True)
+        if info.kind == "golden":
+            self.golden_path(name).unlink(missing_ok=True)
+            self.golden_path(name).with_suffix(".sum").unlink(missing_ok=True)
+        self._unlink_dead_files()
+
+    def _gc(self) -> None:
+        """Drop layers no object references (reference counts are the references themselves)."""
+        self.db.execute(
+            "DELETE FROM layers WHERE id NOT IN (SELECT base_layer FROM objects WHERE base_layer IS NOT NULL) "
+            "AND id NOT IN (SELECT active_layer FROM objects WHERE active_layer IS NOT NULL)"
+        )
+        self.db.execute("DELETE FROM clusters WHERE layer NOT IN (SELECT id FROM layers)")
+        self.db.execute("DELETE FROM layer_files WHERE layer NOT IN (SELECT id FROM layers)")
+
+    def _unlink_dead_files(self) -> None:
+        """Delete data files no layer maps into and no live active layer appends to."""
+        live = {r[0] for r in self.db.execute("SELECT file FROM layer_files")}
+        live |= {r[0] for r in self.db.execute("SELECT id FROM layers WHERE state = 'active'")}
+        for path in (self.root / "data").glob("*.blk"):
+            if path.stem.isdigit() and int(path.stem) not in live:
+                path.unlink(missing_ok=True)
+
+    # -- usage -------------------------------------------------------------------------------------------
+    def usage(self, name: str) -> dict[str, int]:
+        info = self.get(name)
+        out = {"base_clusters": 0, "active_clusters": 0}
+        for key, layer in (("base_clusters", info.base_layer), ("active_clusters", info.active_layer)):
+            if layer is not None:
+                out[key] = self.db.execute("SELECT count(*) FROM clusters WHERE layer = ?", (layer,)).fetchone()[0]
+        return out
+
+    def open(self, name: str, writable: bool | None = None) -> Disk:
+        info = self.get(name)
+        return Disk(self, info, writable=(info.kind == "disk") if writable is None else writable)
+
+    # -- flatten / export / import ------------------------------------------------------------------
+    def flatten(self, name: str, out: str, fmt: str = "raw") -> None:
+        """Write the whole virtual disk as one standalone image (for V2P or for another tool)."""
+        disk = self.open(name, writable=False)
+        target = Path(out)
+        tmp = target.with_name(target.name + ".tmp")
+        try:
+            with open(tmp, "wb") as f:
+                f.truncate(disk.size)
+                step = disk.block_size * 256
+                for offset in range(0, disk.size, step):
+                    length = min(step, disk.size - offset)
+                    if disk.all_golden_zero(offset, length):
+                        continue  # leave a hole in the output
+                    data = disk.read(offset, length)
+                    if data.count(0) != len(data):
+                        f.seek(offset)
+                        f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+        finally:
+            disk.close()
+        if fmt == "raw":
+            os.replace(tmp, target)
+            return
+        proc = subprocess.run(["qemu-img", "convert", "-f", "raw", "-O", fmt, str(tmp), str(target)],
+                              capture_output=True, text=True)
+        tmp.unlink(missing_ok=True)
+        if proc.returncode != 0:
+            raise StorageError(f"qemu-img convert to {fmt} failed: {proc.stderr.strip()}")
+
+    def export_delta(self, name: str, out: str, which: str = "active") -> int:
+        """Write a delta as a self-contained file: what migration sends. ``which``: active (changes since
+        the last commit), base, or all (base + active flattened, relative to the golden image)."""
+        info = self.get(name)
+        if which not in ("active", "base", "all"):
+            raise StorageError(f"unknown layer {which!r}: use active, base or all")
+        if info.kind != "disk" and which == "active":
+            which = "base"
+        if which == "active":
+            delta = self.load_map(info.active_layer)
+        else:
+            delta = self.load_map(info.base_layer)
+            if which == "all":
+                delta.overlay(self.load_map(info.active_layer))
+        disk = self.open(name, writable=False)
+        count = 0
+        target = Path(out)
+        tmp = target.with_name(target.name + ".tmp")
+        try:
+            with open(tmp, "wb") as f:
+                header = json.dumps({
+                    "golden": info.golden, "source": name, "layer": which, "size": info.size,
+                    "block_size": info.block_size,
+                }).encode()
+                f.write(DELTA_MAGIC + struct.pack("<II", len(header), zlib.crc32(header)) + header)
+                for vba, (file_id, crc, index) in delta.entries():
+                    if file_id == ZERO_FILE:
+                        f.write(DELTA_RECORD.pack(vba, 1, 0))
+                    else:
+                        f.write(DELTA_RECORD.pack(vba, 0, crc))
+                        f.write(disk.read_entry(file_id, crc, index))
+                    count += 1
+                f.write(DELTA_RECORD.pack(0xFFFFFFFFFFFFFFFF, 2, count))
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, target)
+        finally:
+            disk.close()
+        return count
+
+    def import_delta(self, path: str, name: str, onto: str) -> ObjectInfo:
+        """Make a new disk ``name`` on ``onto`` (the golden image or a snapshot with the same base the delta
+        was taken against) whose active delta holds the file's blocks."""
+        with open(path, "rb") as f:
+            head = f.read(16)
+            if len(head) != 16 or head[:8] != DELTA_MAGIC:
+                raise StorageError(f"{path} is not a xenswap delta file")
+            length, crc = struct.unpack("<II", head[8:])
+            header_bytes = f.read(length)
+            if zlib.crc32(header_bytes) != crc:
+                raise CorruptBlock(f"{path}: header checksum mismatch")
+            header = json.loads(header_bytes)
+            base = self.get(onto)
+            if base.golden != header["golden"] or base.block_size != header["block_size"]:
+                raise StorageError(
+                    f"{path} was taken against golden image {header['golden']!r} "
+                    f"(block size {header['block_size']}), {onto!r} is on {base.golden!r}"
+                )
+            self.branch(name, onto)
+            disk = self.open(name)
+            try:
+                bs = disk.block_size
+                count = 0
+                while True:
+                    rec = f.read(DELTA_RECORD.size)
+                    if len(rec) != DELTA_RECORD.size:
+                        raise CorruptBlock(f"{path} is truncated after {count} blocks")
+                    vba, kind, crc = DELTA_RECORD.unpack(rec)
+                    if kind == 2:
+                        if crc != count:
+                            raise CorruptBlock(f"{path}: trailer says {crc} blocks, read {count}")
+                        break
+                    if kind == 1:
+                        disk.write_zeroes(vba * bs, bs)
+                    else:
+                        data = f.read(bs)
+                        if len(data) != bs or zlib.crc32(data) != crc:
+                            raise CorruptBlock(f"{path}: block {vba} is damaged (checksum mismatch)")
+                        disk.write(vba * bs, data)
+                    count += 1
+                disk.flush()
+            except BaseException:
+                disk.close()
+                self.remove(name)
+                raise
+            disk.close()
+        return self.get(name)
+
+    def tree(self) -> list[dict[str, object]]:
+        objects = self.list()
+        children: dict[str | None, list[ObjectInfo]] = {}
+        for o in objects:
+            parent = o.parent if o.kind != "golden" else None
+            if parent is not None and all(p.name != parent for p in objects):
+                parent = o.golden
+            children.setdefault(parent, []).append(o)
+
+        def node(o: ObjectInfo) -> dict[str, object]:
+            return {**o.to_json(), "children": [node(c) for c in children.get(o.name, [])]}
+
+        return [node(o) for o in children.get(None, [])]
+
+
+class Disk:
+    """An open virtual disk (or read-only golden image / snapshot): the read/write engine behind an export."""
+
+    def __init__(self, store: Store, info: ObjectInfo, writable: bool) -> None:
+        self.store = store
+        self.info = info
+        self.name = info.name
+        self.size = info.size
+        self.block_size = info.block_size
+        self.shift = self.block_size.bit_length() - 1
+        self.writable = writable and info.kind == "disk"
+        self.lock_fd = store.lock_disk(info.name) if self.writable else None
+        # Re-read: the object may have changed between get() and taking the lock.
+        info = self.info = store.get(info.name)
+        self.golden = Golden(store.golden_path(info.golden), self.block_size,
+                             store.golden_sums(info.golden, self.block_size))
+        if self.golden.size < self.size:
+            raise CorruptBlock(f"golden image {info.golden!r} is shorter than recorded: it was changed")
+        self.base = store.shared_frozen_map(info.base_layer)
+        self.active = store.load_map(info.active_layer) if info.kind == "disk" else DeltaMap(store.switch_clusters)
+        self.active_layer = info.active_layer
+        self.fds: dict[int, int] = {}
+        self.dirty: set[int] = set()
+        self.append_fd: int | None = None
+        self.append_index = 0
+        self.zero_block = bytes(self.block_size)
+        if self.writable:
+            path = store.data_path(self.active_layer)  # type: ignore[arg-type]
+            self.append_fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+            self.fds[self.active_layer] = self.append_fd  # type: ignore[index]
+            # Blocks past the last whole block are a torn tail from a crash: never referenced, overwrite.
+            self.append_index = os.fstat(self.append_fd).st_size // self.block_size
+        self.writes_since_flush = 0
+
+    # -- lookups ----------------------------------------------------------------------------------------
+    def _fd(self, file_id: int) -> int:
+        fd = self.fds.get(file_id)
+        if fd is None:
+            try:
+                fd = self.fds[file_id] = os.open(self.store.data_path(file_id), os.O_RDONLY)
+            except FileNotFoundError:
+                raise CorruptBlock(f"data file {file_id} of {self.name!r} is missing") from None
+        return fd
+
+    def locate(self, vba: int) -> tuple[int, tuple[int, int, int] | None]:
+        """(level, entry): level 2 active, 1 base, 0 golden (entry None)."""
+        entry = self.active.get(vba)
+        if entry is not None:
+            return 2, entry
+        entry = self.base.get(vba)
+        if entry is not None:
+            return 1, entry
+        return 0, None
+
+    def read_entry(self, file_id: int, crc: int, index: int) -> bytes:
+        if file_id == ZERO_FILE:
+            return self.zero_block
+        data = os.pread(self._fd(file_id), self.block_size, index << self.shift)
+        if len(data) != self.block_size or zlib.crc32(data) != crc:
+            raise CorruptBlock(f"{self.name}: block in data file {file_id} at index {index} is damaged "
+                               "(checksum mismatch)")
+        return data
+
+    def _read_blocks(self, first: int, count: int) -> bytearray:
+        """Whole blocks [first, first + count): runs from the same place are read with one pread."""
+        bs = self.block_size
+        shift = self.shift
+        out = bytearray(count << shift)
+        view = memoryview(out)
+        active_get = self.active.get
+        base_get = self.base.get
+        golden_sums = self.golden.sums
+        vba = first
+        end = first + count
+        while vba < end:
+            entry = active_get(vba) or base_get(vba)
+            if entry is None:
+                # A run of golden blocks: linear addressing, read them in one go.
+                run_end = vba + 1
+                while run_end < end and active_get(run_end) is None and base_get(run_end) is None:
+                    run_end += 1
+                n = run_end - vba
+                dst = view[(vba - first) << shift : (run_end - first) << shift]
+                got = os.preadv(self.golden.fd, [dst], vba << shift)
+                if got != n << shift:
+                    raise CorruptBlock(f"golden image {self.info.golden!r} is shorter than recorded")
+                for i in range(n):
+                    if zlib.crc32(dst[i << shift : (i + 1) << shift]) != golden_sums[vba + i]:
+                        raise CorruptBlock(f"golden image {self.info.golden!r}: block {vba + i} is damaged "
+                                           "(checksum mismatch)")
+                vba = run_end
+                continue
+            file_id, crc, index = entry
+            if file_id == ZERO_FILE:
+                vba += 1  # already zero
+                continue
+            # Extend the run while the next blocks sit right after this one in the same data file.
+            crcs = [crc]
+            run_end = vba + 1
+            while run_end < end:
+                nxt = active_get(run_end) or base_get(run_end)
+                if nxt is None or nxt[0] != file_id or nxt[2] != index + len(crcs):
+                    break
+                crcs.append(nxt[1])
+                run_end += 1
+            dst = view[(vba - first) << shift : (run_end - first) << shift]
+            got = os.preadv(self._fd(file_id), [dst], index << shift)
+            if got != len(crcs) * bs:
+                raise CorruptBlock(f"{self.name}: data file {file_id} is truncated")
+            for i, want in enumerate(crcs):
+                if zlib.crc32(dst[i << shift : (i + 1) << shift]) != want:
+                    raise CorruptBlock(f"{self.name}: block {vba + i} in data file {file_id} is damaged "
+                                       "(checksum mismatch)")
+            vba = run_end
+        return out
+
+    def read(self, offset: int, length: int) -> bytes | bytearray:
+        shift = self.shift
+        first = offset >> shift
+        last = (offset + length - 1) >> shift
+        data = self._read_blocks(first, last - first + 1)
+        skip = offset - (first << shift)
+        if skip == 0 and len(data) == length:
+            return data
+        return bytes(memoryview(data)[skip : skip + length])
+
+    def all_golden_zero(self, offset: int, length: int) -> bool:
+        first = offset >> self.shift
+        last = (offset + length - 1) >> self.shift
+        for vba in range(first, last + 1):
+            if self.active.get(vba) is not None or self.base.get(vba) is not None:
+                return False
+            if not self.golden.is_zero(vba):
+                return False
+        return True
+
+    # -- writes -----------------------------------------------------------------------------------------
+    def _require_writable(self) -> None:
+        if not self.writable:
+            raise StorageError(f"{self.name!r} is read-only")
+
+    def write(self, offset: int, data: bytes | bytearray | memoryview) -> None:
+        self._require_writable()
+        bs = self.block_size
+        shift = self.shift
+        length = len(data)
+        first = offset >> shift
+        last = (offset + length - 1) >> shift
+        head = offset - (first << shift)
+        if head or (offset + length) & (bs - 1):
+            # Unaligned: read-modify-write of the edge blocks, so the map only ever holds whole blocks.
+            buf = self._read_blocks(first, last - first + 1)
+            buf[head : head + length] = data
+            data = buf
+        view = memoryview(data)
+        count = last - first + 1
+        zero_block = self.zero_block
+        # One pwrite for all non-zero blocks of this request (they land at consecutive indexes).
+        keep = []
+        for i in range(count):
+            block = view[i << shift : (i + 1) << shift]
+            if block == zero_block:
+                self.active.set(first + i, ZERO_FILE, 0, 0)
+                self.dirty.add((first + i) >> CLUSTER_SHIFT)
+            else:
+                keep.append((i, block))
+        if keep:
+            index = self.append_index
+            if len(keep) == count:
+                payload: bytes | memoryview = view
+            else:
+                payload = b"".join(bytes(b) for _, b in keep)
+            written = os.pwrite(self.append_fd, payload, index << shift)  # type: ignore[arg-type]
+            if written != len(keep) << shift:
+                raise StorageError(f"{self.name}: short write to the data file (disk full?)")
+            self.append_index = index + len(keep)
+            file_id = self.active_layer
+            for n, (i, block) in enumerate(keep):
+                self.active.set(first + i, file_id, zlib.crc32(block), index + n)  # type: ignore[arg-type]
+                self.dirty.add((first + i) >> CLUSTER_SHIFT)
+        self.writes_since_flush += 1
+
+    def write_zeroes(self, offset: int, length: int) -> None:
+        self._require_writable()
+        bs = self.block_size
+        first = -(-offset // bs)
+        end = (offset + length) // bs
+        # Partial blocks at the edges are written as data; whole blocks become zero entries (no data).
+        if first > end:
+            self.write(offset, bytes(length))
+            return
+        if offset < first * bs:
+            self.write(offset, bytes(first * bs - offset))
+        for vba in range(first, end):
+            self.active.set(vba, ZERO_FILE, 0, 0)
+            self.dirty.add(vba >> CLUSTER_SHIFT)
+        if offset + length > end * bs:
+            self.write(end * bs, bytes(offset + length - end * bs))
+        self.writes_since_flush += 1
+
+    def trim(self, offset: int, length: int) -> None:
+        """Forget our copies of whole blocks in the range: they read from the layer below again."""
+        self._require_writable()
+        bs = self.block_size
+        for vba in range(-(-offset // bs), (offset + length) // bs):
+            if self.active.get(vba) is not None:
+                self.active.delete(vba)
+                self.dirty.add(vba >> CLUSTER_SHIFT)
+        self.writes_since_flush += 1
+
+    def flush(self) -> None:
+        """Make every completed write durable: data first (fsync), then the map entries (one transaction)."""
+        if not self.writable or not self.dirty:
+            return
+        os.fsync(self.append_fd)  # type: ignore[arg-type]
+        rows = []
+        gone = []
+        for cidx in sorted(self.dirty):
+            blob = self.active.cluster_blob(cidx)
+            if blob is None:
+                gone.append((self.active_layer, cidx))
+            else:
+                rows.append((self.active_layer, cidx, blob))
+        db = self.store.db
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            db.executemany("INSERT OR REPLACE INTO clusters (layer, cidx, entries) VALUES (?, ?, ?)", rows)
+            db.executemany("DELETE FROM clusters WHERE layer = ? AND cidx = ?", gone)
+            db.execute("INSERT OR IGNORE INTO layer_files (layer, file) VALUES (?, ?)",
+                       (self.active_layer, self.active_layer))
+            db.execute("COMMIT")
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+        self.dirty.clear()
+        self.writes_since_flush = 0
+
+    # -- status -----------------------------------------------------------------------------------------
+    def extents(self, offset: int, length: int, context: str, limit: int = 1024) -> list[tuple[int, int]]:
+        """(length, flags) runs from offset. base:allocation: 1 hole, 2 zero. xenswap:layer: 0 golden,
+        1 base (migration) delta, 2 active delta."""
+        bs = self.block_size
+        out: list[tuple[int, int]] = []
+        pos = offset
+        end = offset + length
+        while pos < end and len(out) < limit:
+            vba = pos // bs
+            level, entry = self.locate(vba)
+            if context == "xenswap:layer":
+                flags = level
+            elif entry is None:
+                flags = 3 if self.golden.is_zero(vba) and self._golden_block_is_zero(vba) else 0
+            else:
+                flags = 3 if entry[0] == ZERO_FILE else 0
+            run_end = min(end, (vba + 1) * bs)
+            if out and out[-1][1] == flags:
+                out[-1] = (out[-1][0] + run_end - pos, flags)
+            else:
+                out.append((run_end - pos, flags))
+            pos = run_end
+        return out
+
+    def _golden_block_is_zero(self, vba: int) -> bool:
+        return os.pread(self.golden.fd, self.block_size, vba * self.block_size) == self.zero_block
+
+    def map_bytes(self) -> int:
+        """Memory of this disk's own lookup structures (the base map may be shared with other disks)."""
+        return self.active.nbytes() + self.base.nbytes()
+
+    def close(self) -> None:
+        try:
+            self.flush()
+        finally:
+            for fd in self.fds.values():
+                os.close(fd)
+            self.fds.clear()
+            self.golden.close()
+            if self.lock_fd is not None:
+                os.close(self.lock_fd)
+                self.lock_fd = None
+
+
+def iter_blocks(disk: Disk) -> Iterator[int]:
+    """VBAs that differ from the golden image (for tools and tests)."""
+    seen = {vba for vba, _ in disk.base.entries()} | {vba for vba, _ in disk.active.entries()}
+    return iter(sorted(seen))
