@@ -1,0 +1,255 @@
+"""Linux memory mechanisms on another process's memory: the QEMU port's ``MemoryMechanism``.
+
+Works on any process and address range (tests use a child that allocates and checksums memory; the port
+passes QEMU's pid and the host range of guest RAM). All from outside the process, no cooperation needed:
+
+- page-out / prefetch: ``process_madvise(pidfd_open(pid), iovecs, MADV_PAGEOUT | MADV_WILLNEED)``;
+  zram and zswap need two PAGEOUT passes (the first only moves pages to the swap cache / compressor);
+- residency: ``/proc/PID/pagemap`` present (bit 63) and swapped (bit 62) bits, one u64 per 4 KiB page;
+- accesses: this kernel has no per-process DAMON, no page_idle, and smaps ``Referenced:`` is only a per-VMA
+  total, so the accessed frames of an interval are measured by demand paging: pages out the range ("clear"),
+  and the frames found present again at the next call are exactly the ones the guest touched. Without memory
+  pressure the evicted pages stay in the swap cache, so a touch costs a minor fault, not disk I/O.
+
+Guest RAM backed by transparent huge pages is split by the first page-out; after that the measurement is at
+4 KiB granularity (starting QEMU with THP disabled, ``prctl(PR_SET_THP_DISABLE)`` inherited over exec, avoids
+the 2 MiB phase entirely).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import os
+import time
+from array import array
+from collections.abc import Iterable, Iterator
+
+from xenswap.core.mechanism import PAGE_SIZE, to_ranges
+from xenswap.errors import XenswapError
+
+# x86_64 syscall numbers and madvise advice values (include/uapi/asm-generic/unistd.h, mman-common.h).
+SYS_PIDFD_OPEN = 434
+SYS_PROCESS_MADVISE = 440
+MADV_WILLNEED = 3
+MADV_COLD = 20
+MADV_PAGEOUT = 21
+IOV_MAX = 1024  # UIO_MAXIOV: iovecs per process_madvise call
+
+PM_PRESENT = 1 << 63
+PM_SWAPPED = 1 << 62
+PM_EXCLUSIVE = 1 << 56  # mapped by this process only: excludes the shared zero page (read-only faults)
+PM_PFN_MASK = (1 << 55) - 1
+RESIDENT_MASK = PM_PRESENT | PM_EXCLUSIVE
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc.syscall.restype = ctypes.c_long
+
+
+class _IoVec(ctypes.Structure):
+    _fields_ = [("iov_base", ctypes.c_void_p), ("iov_len", ctypes.c_size_t)]
+
+
+class MemoryMechanismError(XenswapError):
+    pass
+
+
+def pidfd_open(pid: int) -> int:
+    fd = _libc.syscall(SYS_PIDFD_OPEN, ctypes.c_int(pid), ctypes.c_uint(0))
+    if fd < 0:
+        err = ctypes.get_errno()
+        raise ProcessLookupError(err, f"pidfd_open({pid}): {os.strerror(err)}")
+    return fd
+
+
+def process_madvise(pidfd: int, ranges: Iterable[tuple[int, int]], advice: int) -> int:
+    """Advise (host_addr, length) ranges of the pidfd's process; returns bytes advised. Batches of IOV_MAX."""
+    ranges = list(ranges)
+    done = 0
+    for i in range(0, len(ranges), IOV_MAX):
+        batch = ranges[i : i + IOV_MAX]
+        iov = (_IoVec * len(batch))(*[_IoVec(addr, length) for addr, length in batch])
+        res = _libc.syscall(SYS_PROCESS_MADVISE, ctypes.c_int(pidfd), iov, ctypes.c_size_t(len(batch)),
+                            ctypes.c_int(advice), ctypes.c_uint(0))
+        if res < 0:
+            err = ctypes.get_errno()
+            if err == 3:  # ESRCH: the process is gone
+                raise ProcessLookupError(err, "process_madvise: process exited")
+            raise MemoryMechanismError(f"process_madvise(advice={advice}) failed: {os.strerror(err)}")
+        done += res
+    return done
+
+
+class ProcessMemory:
+    """``MemoryMechanism`` over [base, base+length) of process ``pid``: gfn i is the page at base + i*4096."""
+
+    page_size = PAGE_SIZE
+
+    def __init__(self, pid: int, base: int, length: int, pageout_passes: int = 2) -> None:
+        if base % PAGE_SIZE or length % PAGE_SIZE:
+            raise MemoryMechanismError(f"range {base:#x}+{length:#x} is not page aligned")
+        self.pid, self.base, self.length = pid, base, length
+        self.pageout_passes = pageout_passes
+        self.pidfd = pidfd_open(pid)
+        self._pagemap = os.open(f"/proc/{pid}/pagemap", os.O_RDONLY)
+        self._measuring = False
+
+    def close(self) -> None:
+        for fd in (self.pidfd, self._pagemap):
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+        self.pidfd = self._pagemap = -1
+
+    def __enter__(self) -> ProcessMemory:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        if getattr(self, "pidfd", -1) >= 0:
+            self.close()
+
+    # -- residency
+
+    def guest_pages(self) -> int:
+        return self.length // PAGE_SIZE
+
+    def pagemap(self) -> array:
+        """One u64 pagemap entry per page of the range."""
+        n = self.guest_pages()
+        data = os.pread(self._pagemap, n * 8, (self.base // PAGE_SIZE) * 8)
+        if len(data) != n * 8:
+            raise ProcessLookupError(3, f"pagemap of {self.pid} short read (process gone?)")
+        entries = array("Q")
+        entries.frombytes(data)
+        return entries
+
+    def resident_pages(self) -> list[int]:
+        """Present and exclusively mapped: a page only ever read is mapped to the shared zero page, costs nothing
+        and cannot be paged out, so it does not count (KSM-merged pages are not exclusive either)."""
+        return [i for i, e in enumerate(self.pagemap()) if e & RESIDENT_MASK == RESIDENT_MASK]
+
+    def swapped_pages(self) -> list[int]:
+        return [i for i, e in enumerate(self.pagemap()) if e & PM_SWAPPED]
+
+    def counts(self) -> dict[str, int]:
+        entries = self.pagemap()
+        resident = sum(1 for e in entries if e & RESIDENT_MASK == RESIDENT_MASK)
+        shared = sum(1 for e in entries if e & RESIDENT_MASK == PM_PRESENT)
+        swapped = sum(1 for e in entries if e & PM_SWAPPED)
+        return {"pages": len(entries), "resident": resident, "shared": shared, "swapped": swapped,
+                "untouched": len(entries) - resident - shared - swapped}
+
+    # -- paging
+
+    def _advise(self, gfns: Iterable[int] | None, advice: int) -> int:
+        if gfns is None:
+            runs = [(0, self.guest_pages())]
+        else:
+            runs = list(to_ranges(gfns))
+        n = self.guest_pages()
+        ranges = [(self.base + first * PAGE_SIZE, count * PAGE_SIZE) for first, count in runs
+                  if 0 <= first and first + count <= n]
+        process_madvise(self.pidfd, ranges, advice)
+        return sum(count for _, count in runs)
+
+    def page_out(self, gfns: Iterable[int] | None = None) -> int:
+        gfns = None if gfns is None else list(gfns)
+        pages = 0
+        # Pages faulted in moments ago sit in the faulting CPU's LRU batch, where reclaim cannot isolate them;
+        # MADV_PAGEOUT drains only the *calling* CPU's batch, so run one pass on each CPU (zram/zswap want two
+        # passes anyway: the first only moves pages to the swap cache).
+        with _rotating_cpus() as cpus:
+            for i in range(max(self.pageout_passes, len(cpus))):
+                if cpus:
+                    os.sched_setaffinity(0, {cpus[i % len(cpus)]})
+                pages = self._advise(gfns, MADV_PAGEOUT)
+        return pages
+
+    def prefetch(self, gfns: Iterable[int]) -> int:
+        return self._advise(list(gfns), MADV_WILLNEED)
+
+    def accessed_pages_and_clear(self) -> list[int]:
+        """Frames touched since the previous call (see the module doc); the first call only clears."""
+        touched = self.resident_pages() if self._measuring else []
+        self.page_out(None)
+        # Reclaim may briefly fail to isolate a page touched moments ago (locked, or still in an LRU batch);
+        # retry those few, so that the next interval does not report them as touched again.
+        for delay in (0.001, 0.005, 0.02):
+            left = self.resident_pages()
+            if not left:
+                break
+            time.sleep(delay)
+            self.page_out(left)
+        self._measuring = True
+        return touched
+
+
+@contextlib.contextmanager
+def _rotating_cpus() -> Iterator[list[int]]:
+    """The CPUs this thread may run on; the thread's affinity is restored afterwards."""
+    allowed = os.sched_getaffinity(0)
+    try:
+        yield sorted(allowed)
+    finally:
+        os.sched_setaffinity(0, allowed)
+
+
+def parse_maps(pid: int) -> list[tuple[int, int, str, str]]:
+    """(start, end, perms, path) of each mapping of ``pid``."""
+    out = []
+    with open(f"/proc/{pid}/maps") as f:
+        for line in f:
+            parts = line.split(maxsplit=5)
+            start, end = (int(x, 16) for x in parts[0].split("-"))
+            out.append((start, end, parts[1], parts[5].strip() if len(parts) > 5 else ""))
+    return out
+
+
+def anonymous_ranges(pid: int) -> list[tuple[int, int]]:
+    """Every private anonymous writable mapping (QEMU's own heap, TCG buffers and guest RAM)."""
+    return [(s, e - s) for s, e, perms, path in parse_maps(pid)
+            if "w" in perms and (path == "" or path.startswith("[heap")) and perms.endswith("p")]
+
+
+def rss_kib(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+    return 0
+
+
+def smaps_rollup(pid: int) -> dict[str, int]:
+    """/proc/PID/smaps_rollup in KiB (Rss, Pss, Swap, SwapPss, ...)."""
+    out = {}
+    with open(f"/proc/{pid}/smaps_rollup") as f:
+        for line in f:
+            parts = line.split()
+            if len(parts) >= 3 and parts[2] == "kB":
+                out[parts[0].rstrip(":")] = int(parts[1])
+    return out
+
+
+def thread_cpu_seconds(pid: int, tid: int) -> float:
+    """CPU time of one thread in seconds from schedstat (ns resolution; stat's utime is 10 ms ticks)."""
+    try:
+        with open(f"/proc/{pid}/task/{tid}/schedstat") as f:
+            return int(f.read().split()[0]) / 1e9
+    except FileNotFoundError:
+        raise ProcessLookupError(3, f"thread {tid} of {pid} is gone") from None
+
+
+def page_out_process(pid: int, passes: int = 2) -> int:
+    """Page out every anonymous mapping of a process (guest RAM plus QEMU's own); returns bytes advised."""
+    fd = pidfd_open(pid)
+    try:
+        total = 0
+        for _ in range(passes):
+            total = process_madvise(fd, anonymous_ranges(pid), MADV_PAGEOUT)
+        return total
+    finally:
+        os.close(fd)
