@@ -253,3 +253,12 @@ def page_out_process(pid: int, passes: int = 2) -> int:
         return total
     finally:
         os.close(fd)
+
+
+def mechanism_for(hv: object, name: str) -> ProcessMemory:
+    """The QEMU port's mechanism for one guest: its QEMU process and the host range of its RAM."""
+    from xenswap.hv.qemu.vm import QemuVM
+
+    vm = QemuVM.open(name)
+    start, length = vm.ram_region()
+    return ProcessMemory(vm.pid, start, length)

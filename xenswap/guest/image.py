@@ -1,0 +1,227 @@
+"""The tiny guest image: Debian's 6.1 kernel plus a busybox-static initramfs, built from Debian packages.
+
+The initramfs holds busybox (with its applet links), ``/init`` (init.sh next to this file), the kernel
+modules the guest needs under QEMU (virtio) and under Xen (netfront/blkfront) with their dependencies,
+and optionally dropbear. Images are cached in ``cache_dir()/images/<recipe_hash>/``; the hash covers
+everything that decides the bytes of the image (package versions, init script, module list, this
+builder's source), so a changed recipe builds a new image and an unchanged one is reused. The build is
+reproducible: the same recipe gives a byte-identical initramfs.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import tempfile
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from xenswap import debs
+from xenswap.config import cache_dir
+from xenswap.errors import XenswapError
+from xenswap.guest.cpio import Archive
+from xenswap.guest.kmod import ModuleTree
+
+INIT_SCRIPT = Path(__file__).with_name("init.sh")
+
+# Modules loaded at boot, in this order of intent (dependencies are added by ModuleTree.load_order).
+GUEST_MODULES = [
+    "virtio_pci",  # modular in Debian's kernel; brings virtio and virtio_ring
+    "virtio_net",
+    "virtio_blk",
+    "crc32c_generic",  # ext4 asks the crypto API for crc32c; no modprobe/alias lookups in the guest
+    "ext4",
+    "xen-netfront",
+    "xen-blkfront",
+    "sch_netem",  # for network emulation inside guests (later net work)
+    "8021q",
+]
+
+BUSYBOX_PACKAGE = "busybox-static"
+# dropbear-bin is dynamically linked: its libraries come from their own Debian packages, not the host.
+DROPBEAR_PACKAGES = ["dropbear-bin", "libc6", "libtomcrypt1", "libtommath1", "zlib1g", "libcrypt1", "libgmp10"]
+DROPBEAR_LIBS = [
+    "libtomcrypt.so.1", "libtommath.so.1", "libz.so.1", "libcrypt.so.1", "libc.so.6", "libgmp.so.10",
+]
+LIBDIR = "lib/x86_64-linux-gnu"
+LOADER = "lib64/ld-linux-x86-64.so.2"
+
+
+@dataclass(frozen=True)
+class GuestImage:
+    kernel: Path
+    initrd: Path
+    recipe_hash: str
+    kernel_version: str
+
+    def to_json(self) -> dict:
+        return {k: str(v) for k, v in asdict(self).items()}
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """Everything that decides the image's bytes."""
+
+    packages: dict[str, str]  # name -> exact version
+    modules: tuple[str, ...]
+    init_script: str
+    builder_source: str
+    with_dropbear: bool
+
+    def hash(self) -> str:
+        blob = json.dumps(
+            {
+                "packages": sorted(self.packages.items()),
+                "modules": list(self.modules),
+                "init": self.init_script,
+                "builder": self.builder_source,
+                "dropbear": self.with_dropbear,
+            },
+            sort_keys=True,
+        )
+        return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def builder_source() -> str:
+    """The code that builds images: a change to it must rebuild them."""
+    here = Path(__file__).parent
+    return "".join((here / name).read_text() for name in ("image.py", "cpio.py", "kmod.py"))
+
+
+def make_recipe(packages: dict[str, str], with_dropbear: bool = True, modules: list[str] | None = None) -> Recipe:
+    return Recipe(
+        packages=dict(packages),
+        modules=tuple(GUEST_MODULES if modules is None else modules),
+        init_script=INIT_SCRIPT.read_text(),
+        builder_source=builder_source(),
+        with_dropbear=with_dropbear,
+    )
+
+
+def images_dir() -> Path:
+    return cache_dir() / "images"
+
+
+def build_guest_image(with_dropbear: bool = True, force: bool = False) -> GuestImage:
+    """The guest image for the current Debian package versions: from the cache, or built now (a few seconds)."""
+    kernel_pkg = debs.kernel_package()
+    names = [kernel_pkg, BUSYBOX_PACKAGE] + (DROPBEAR_PACKAGES if with_dropbear else [])
+    downloaded = debs.download(names)
+    recipe = make_recipe({d.name: d.version for d in downloaded}, with_dropbear)
+    target = images_dir() / recipe.hash()
+    manifest = target / "manifest.json"
+    if manifest.exists() and not force:
+        return load_image(target)
+    trees = {d.name: debs.extract(d) for d in downloaded}
+    target.parent.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix=f".{recipe.hash()}.", dir=target.parent))
+    try:
+        kernel_version = _build_into(work, recipe, trees, kernel_pkg)
+        (work / "manifest.json").write_text(
+            json.dumps(
+                {
+                    "recipe_hash": recipe.hash(),
+                    "kernel_version": kernel_version,
+                    "packages": recipe.packages,
+                    "modules": list(recipe.modules),
+                    "dropbear": with_dropbear,
+                },
+                indent=2,
+                sort_keys=True,
+            )
+        )
+        shutil.rmtree(target, ignore_errors=True)
+        work.chmod(0o755)  # mkdtemp makes it private; images are read by other users (e.g. tests)
+        os.rename(work, target)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return load_image(target)
+
+
+def load_image(directory: Path) -> GuestImage:
+    """A built image from its cache folder; a clear error if any part is missing."""
+    try:
+        meta = json.loads((directory / "manifest.json").read_text())
+    except (OSError, ValueError) as exc:
+        raise XenswapError(f"no guest image in {directory}: run 'xenswap guest build'") from exc
+    image = GuestImage(directory / "vmlinuz", directory / "initrd.gz", meta["recipe_hash"], meta["kernel_version"])
+    check_image(image)
+    return image
+
+
+def check_image(image: GuestImage) -> None:
+    for part, path in (("kernel", image.kernel), ("initramfs", image.initrd)):
+        if not Path(path).is_file():
+            raise XenswapError(f"guest {part} image {path} is missing: run 'xenswap guest build'")
+
+
+def _build_into(work: Path, recipe: Recipe, trees: dict[str, Path], kernel_pkg: str) -> str:
+    kernel_tree = trees[kernel_pkg]
+    modules = ModuleTree(kernel_tree)
+    vmlinuz = kernel_tree / "boot" / f"vmlinuz-{modules.version}"
+    if not vmlinuz.is_file():
+        raise XenswapError(f"{kernel_pkg} has no boot/vmlinuz-{modules.version}")
+    shutil.copyfile(vmlinuz, work / "vmlinuz")
+
+    archive = Archive()
+    for directory in ("bin", "sbin", "usr/bin", "usr/sbin", "proc", "sys", "dev", "run", "tmp", "root", "etc", "var"):
+        archive.directory(directory)
+    archive.directory("tmp", 0o1777)
+    archive.directory("root", 0o700)
+    # The kernel opens /dev/console for init before anything is mounted.
+    archive.char_device("dev/console", 5, 1)
+    archive.char_device("dev/null", 1, 3, 0o666)
+    archive.file("init", recipe.init_script.encode(), 0o755)
+    archive.file("etc/passwd", b"root::0:0:root:/root:/bin/sh\n")
+    archive.file("etc/group", b"root:x:0:\n")
+    archive.file("etc/shells", b"/bin/sh\n")
+
+    busybox = trees[BUSYBOX_PACKAGE] / "bin" / "busybox"
+    archive.copy("bin/busybox", busybox, 0o755)
+    for applet in _busybox_applets(busybox):
+        if applet != "bin/busybox" and applet not in archive:
+            archive.symlink(applet, "/bin/busybox")
+
+    load = modules.load_order(list(recipe.modules))
+    kmod_dir = f"lib/modules/{modules.version}"
+    for module in load:
+        archive.copy(f"{kmod_dir}/{module.relpath}", modules.path(module), 0o644)
+    archive.file(f"{kmod_dir}/xenswap.load", "".join(m.relpath + "\n" for m in load).encode())
+    archive.file(f"{kmod_dir}/modules.dep", modules.modules_dep(load).encode())
+    archive.copy(f"{kmod_dir}/modules.builtin", modules.base / "modules.builtin")
+
+    if recipe.with_dropbear:
+        archive.copy("usr/sbin/dropbear", trees["dropbear-bin"] / "usr" / "sbin" / "dropbear", 0o755)
+        for lib in DROPBEAR_LIBS:
+            archive.copy(f"{LIBDIR}/{lib}", _find_lib(trees, lib), 0o644)
+        archive.copy(f"{LIBDIR}/ld-linux-x86-64.so.2", _find_lib(trees, "ld-linux-x86-64.so.2"), 0o755)
+        archive.symlink(LOADER, f"/{LIBDIR}/ld-linux-x86-64.so.2")
+
+    archive.write_gzip(work / "initrd.gz")
+    return modules.version
+
+
+def _find_lib(trees: dict[str, Path], soname: str) -> Path:
+    """A shared library by soname from the unpacked packages (following the package's own symlinks)."""
+    for tree in trees.values():
+        for candidate in (tree / LIBDIR / soname, tree / "usr" / LIBDIR / soname):
+            # Follow symlinks by hand: an absolute link inside a package points into the package, not the host.
+            for _ in range(8):
+                if not candidate.is_symlink():
+                    break
+                link = os.readlink(candidate)
+                candidate = tree / link.lstrip("/") if link.startswith("/") else candidate.parent / link
+            if candidate.is_file() and not candidate.is_symlink():
+                return candidate
+    raise XenswapError(f"no {soname} in the unpacked packages {sorted(trees)}")
+
+
+def _busybox_applets(busybox: Path) -> list[str]:
+    """Install paths of busybox's applets (e.g. usr/bin/wget), from the binary itself."""
+    proc = subprocess.run([str(busybox), "--list-full"], capture_output=True, text=True, check=False)
+    if proc.returncode != 0:
+        raise XenswapError(f"{busybox} --list-full failed: {proc.stderr.strip()}")
+    return sorted(line.strip().lstrip("/") for line in proc.stdout.splitlines() if line.strip())

@@ -1,0 +1,132 @@
+"""A guest's serial console: run shell commands over it and wait for lines in its log.
+
+QEMU serves the guest's ttyS0 on a unix socket and also writes everything the guest prints to a log
+file. ``run`` sends one command framed by markers that only appear in the *output* (the typed line
+spells them with an empty quote pair inside, so the terminal's echo of the command never matches),
+and returns what the command printed between them. A per-VM lock file serialises users, because
+QEMU serves one socket client at a time.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import re
+import secrets
+import socket
+import time
+from pathlib import Path
+
+from xenswap.errors import XenswapError
+
+_CTRL_C = b"\x03"
+_KILL_LINE = b"\x15"  # Ctrl-U: drop anything half-typed on the console's current line
+
+
+class ConsoleError(XenswapError):
+    """The console did not answer, or a command did not finish in time."""
+
+
+class CommandFailed(XenswapError):
+    def __init__(self, command: str, status: int, output: str):
+        self.status = status
+        self.output = output
+        tail = output.strip().splitlines()[-1:] or [""]
+        super().__init__(f"guest command {command!r} exited with {status}: {tail[0][:200]}")
+
+
+def _shell_quote(text: str) -> str:
+    return "'" + text.replace("'", "'\\''") + "'"
+
+
+class SerialConsole:
+    def __init__(self, socket_path: Path, log_path: Path, lock_path: Path):
+        self.socket_path = socket_path
+        self.log_path = log_path
+        self.lock_path = lock_path
+
+    def log_text(self, since: int = 0) -> str:
+        try:
+            with open(self.log_path, "rb") as fh:
+                fh.seek(since)
+                return fh.read().decode(errors="replace")
+        except FileNotFoundError:
+            return ""
+
+    def log_size(self) -> int:
+        try:
+            return self.log_path.stat().st_size
+        except FileNotFoundError:
+            return 0
+
+    def tail(self, lines: int = 20) -> str:
+        return "\n".join(self.log_text().replace("\r", "").splitlines()[-lines:])
+
+    def wait_for(self, pattern: str, timeout: float, since: int = 0) -> re.Match[str]:
+        """Wait until ``pattern`` (a regex) appears in the serial log after byte offset ``since``."""
+        regex = re.compile(pattern)
+        deadline = time.monotonic() + timeout
+        while True:
+            match = regex.search(self.log_text(since))
+            if match:
+                return match
+            if time.monotonic() >= deadline:
+                raise ConsoleError(f"{pattern!r} did not appear on the console within {timeout:.0f}s")
+            time.sleep(0.1)
+
+    def run(self, cmd: str, timeout: float = 30.0, check: bool = False) -> str:
+        """Run ``cmd`` in the guest's console shell; returns its output (stdout and stderr, newlines only)."""
+        status, output = self.run_status(cmd, timeout)
+        if check and status != 0:
+            raise CommandFailed(cmd, status, output)
+        return output
+
+    def run_status(self, cmd: str, timeout: float = 30.0) -> tuple[int, str]:
+        nonce = secrets.token_hex(6)
+        begin, end = f"XSB{nonce}", f"XSE{nonce}"
+        # The '' splits each marker in the echoed input; eval keeps multi-line commands in one unit.
+        line = f"echo {begin[:3]}''{begin[3:]}; eval {_shell_quote(cmd)}; echo {end[:3]}''{end[3:]} $?\n"
+        pattern = re.compile(re.escape(begin) + r"\r?\n(.*?)" + re.escape(end) + r" (\d+)\r?\n", re.S)
+        deadline = time.monotonic() + timeout
+        self.lock_path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.lock_path, "a") as lock:
+            self._lock(lock, deadline)
+            with self._connect(deadline) as sock:
+                sock.sendall(_KILL_LINE + line.encode())
+                received = b""
+                while True:
+                    match = pattern.search(received.decode(errors="replace"))
+                    if match:
+                        return int(match.group(2)), match.group(1).replace("\r\n", "\n").replace("\r", "")
+                    remaining = deadline - time.monotonic()
+                    if remaining <= 0:
+                        sock.sendall(_CTRL_C)  # stop the command so the console is usable again
+                        tail = received.decode(errors="replace").replace("\r", "")[-300:]
+                        raise ConsoleError(f"guest command {cmd!r} did not finish within {timeout:.0f}s: {tail!r}")
+                    sock.settimeout(min(remaining, 1.0))
+                    try:
+                        chunk = sock.recv(65536)
+                    except TimeoutError:
+                        continue
+                    if not chunk:
+                        raise ConsoleError(f"console socket {self.socket_path} closed (did the VM stop?)")
+                    received += chunk
+
+    def _lock(self, lock, deadline: float) -> None:
+        while True:
+            try:
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                return
+            except BlockingIOError:
+                if time.monotonic() >= deadline:
+                    raise ConsoleError(f"console of {self.socket_path.parent.name} is busy (lock held)") from None
+                time.sleep(0.05)
+
+    def _connect(self, deadline: float) -> socket.socket:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.settimeout(max(0.1, min(5.0, deadline - time.monotonic())))
+        try:
+            sock.connect(str(self.socket_path))
+        except OSError as exc:
+            sock.close()
+            raise ConsoleError(f"cannot connect to the console at {self.socket_path}: {exc}") from exc
+        return sock
