@@ -254,9 +254,10 @@ class Builder:
             pass
 
     def add_bridge(self, name: str, alias: str) -> None:
-        self.root.link("add", ifname=name, kind="bridge", group=self.naming.group, ifalias=alias)
+        # the kernel ignores IFLA_IFALIAS on creation: the alias goes with the "up"
+        self.root.link("add", ifname=name, kind="bridge", group=self.naming.group)
         self._host_ipv6_off(name)
-        self.root.link("set", index=self.index(self.root, name), state="up")
+        self.root.link("set", index=self.index(self.root, name), state="up", ifalias=alias)
 
     def delete_root_link(self, name: str) -> None:
         try:
@@ -266,10 +267,10 @@ class Builder:
 
     def add_port(self, port: str, bridge: str, ns: str, ifname: str) -> None:
         self.root.link("add", ifname=port, kind="veth", group=self.naming.group,
-                       ifalias=self.naming.alias(f"port {ns}/{ifname}"),
                        peer={"ifname": ifname, "net_ns_fd": kernel.ns_path(ns)})
         self._host_ipv6_off(port)
-        self.root.link("set", index=self.index(self.root, port), master=self.index(self.root, bridge), state="up")
+        self.root.link("set", index=self.index(self.root, port), master=self.index(self.root, bridge), state="up",
+                       ifalias=self.naming.alias(f"port {ns}/{ifname}"))
         handle = self.ns(ns)
         handle.link("set", index=self.index(handle, ifname), state="up")
 
@@ -410,7 +411,7 @@ def plan(topology: Topology, naming: Naming, features: Features, recorded_shapin
     for bridge in sorted(have.bridges - want.bridges.keys()):
         remove(f"bridge {bridge}", lambda b, br=bridge: b.delete_root_link(br))
     wanted_ns_links: dict[str, set[str]] = {ns: set() for ns in want.namespaces}
-    for port, (_bridge, ns, ifname) in want.ports.items():
+    for _bridge, ns, ifname in want.ports.values():
         wanted_ns_links[ns].add(ifname)
     for (ns_a, if_a), (ns_b, if_b) in want.links.items():
         wanted_ns_links[ns_a].add(if_a)
@@ -509,7 +510,7 @@ def execute(plan: Plan, builder: Builder) -> None:
                 if previous.undo is not None:
                     try:
                         previous.undo(builder)
-                    except Exception:  # noqa: S110 - best effort: keep undoing the rest
+                    except Exception:  # best effort: keep undoing the rest
                         pass
             reason = exc.args[1] if isinstance(exc, NetlinkError) and len(exc.args) > 1 else exc
             raise NetError(f"could not apply '{change}': {reason}; rolled back the {len(done)} changes made "
