@@ -456,6 +456,10 @@ class NbdConnection(asyncio.Protocol):
                 return
             self._ok(handle)
             return
+        if cmd == CMD_READ and (length == 0 or length > MAX_REQUEST_LENGTH):
+            self._error(handle, EINVAL if length == 0 else EOVERFLOW,
+                        f"read length {length} must be 1..{MAX_REQUEST_LENGTH}")
+            return
         if offset + length > disk.size:
             error = ENOSPC if cmd in (CMD_WRITE, CMD_WRITE_ZEROES, CMD_TRIM) else EINVAL
             self._error(handle, error, f"range {offset}+{length} is beyond the end of the export ({disk.size})")
@@ -490,10 +494,6 @@ class NbdConnection(asyncio.Protocol):
 
     def _read(self, handle: int, offset: int, length: int) -> None:
         disk = self.disk
-        if length == 0 or length > MAX_REQUEST_LENGTH:
-            self._error(handle, EINVAL if length == 0 else EOVERFLOW,
-                        f"read length {length} must be 1..{MAX_REQUEST_LENGTH}")
-            return
         try:
             data = disk.read(offset, length)  # type: ignore[union-attr]
         except CorruptBlock as exc:
