@@ -12,11 +12,13 @@ from __future__ import annotations
 
 import json
 import sqlite3
+import threading
 import time
 from collections.abc import Callable, Iterable
 from contextlib import closing
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Protocol
 
 from xenswap.config import state_dir
 from xenswap.core.idleness import (
@@ -174,6 +176,17 @@ class StateStore:
 MechanismFactory = Callable[[str], MemoryMechanism]
 
 
+class WakeSource(Protocol):
+    """Port-side watcher of events for paused, paged-out domains (QEMU: packets on the tap). On an event it
+    calls ``Manager.page_in(name, event=...)``, which prefetches that event's working set and resumes."""
+
+    def watch(self, name: str) -> None: ...
+
+    def unwatch(self, name: str) -> None: ...
+
+    def watched(self) -> list[str]: ...
+
+
 class Manager:
     """Applies the policy to every domain of a port, one ``tick()`` at a time (the daemon calls it)."""
 
@@ -186,6 +199,9 @@ class Manager:
         self.store = store or StateStore()
         self.clock = clock
         self._mechanisms: dict[str, MemoryMechanism] = {}
+        self.waker: WakeSource | None = None
+        # The waker calls page_in from its own thread while tick() runs in the daemon's.
+        self._lock = threading.RLock()
 
     def mechanism(self, name: str) -> MemoryMechanism:
         if name not in self._mechanisms:
@@ -202,6 +218,10 @@ class Manager:
     # -- the tick
 
     def tick(self) -> list[Decision]:
+        with self._lock:
+            return self._tick()
+
+    def _tick(self) -> list[Decision]:
         decisions = []
         live = set()
         for dom in self.hv.list_domains():
@@ -219,6 +239,8 @@ class Manager:
         now = self.clock()
         st = self.state(name)
         self.recover(st)
+        if st.phase == PAGED_OUT and self.waker is not None and name not in self.waker.watched():
+            self.waker.watch(name)  # e.g. a new manager taking over a guest the previous one paged out
         predictor = st.predictor(self.config)
         was_idle_since = st.detector.idle_since
         st.detector.feed(CpuSample(now, tuple(self.hv.vcpu_times(name))))
@@ -274,7 +296,13 @@ class Manager:
         return n
 
     def page_out(self, name: str, keep_ws: bool, st: DomainState | None = None, mech: MemoryMechanism | None = None,
-                 decision: Decision | None = None) -> Decision:
+                 decision: Decision | None = None, pause: bool | None = None) -> Decision:
+        """Page out to the working set (``keep_ws``) or entirely; entirely pauses too unless ``pause=False``."""
+        with self._lock:
+            return self._page_out(name, keep_ws, st, mech, decision, (not keep_ws) if pause is None else pause)
+
+    def _page_out(self, name: str, keep_ws: bool, st: DomainState | None, mech: MemoryMechanism | None,
+                  decision: Decision | None, pause: bool) -> Decision:
         st = st or self.state(name)
         mech = mech or self.mechanism(name)
         st.acted_at = st.detector.idle_for(self.clock()) if st.detector.idle else None
@@ -282,6 +310,11 @@ class Manager:
             st.phase = PAGING_OUT
             self.store.save(st)  # intent first: a manager killed now is picked up by the next one
             n = self._page_out_ws(st, mech)
+        elif not pause:
+            n = mech.page_out(None)  # the guest keeps running and faults back what it touches
+            st.pageouts += 1
+            st.phase = WORKING_SET
+            self.store.save(st)
         else:
             st.phase = PAUSING
             self.store.save(st)
@@ -290,6 +323,8 @@ class Manager:
             st.pageouts += 1
             st.phase = PAGED_OUT
             self.store.save(st)
+            if self.waker is not None:
+                self.waker.watch(name)
         if decision is None:
             decision = Decision(name, PAGE_OUT_WS if keep_ws else PAGE_OUT_ALL, "requested")
         decision.pages = n
@@ -297,6 +332,12 @@ class Manager:
 
     def page_in(self, name: str, event: str | None = None, all_pages: bool = False) -> Decision:
         """Prefetch an event's working set (or everything), then resume the domain if we paused it."""
+        with self._lock:
+            return self._page_in(name, event, all_pages)
+
+    def _page_in(self, name: str, event: str | None, all_pages: bool) -> Decision:
+        if self.waker is not None:
+            self.waker.unwatch(name)
         st = self.state(name)
         mech = self.mechanism(name)
         if all_pages:
@@ -389,7 +430,21 @@ def mechanism_factory_for(hv) -> MechanismFactory | None:
     return None if make is None else (lambda name: make(hv, name))
 
 
-def engine_for(hv, config: PolicyConfig | None = None) -> Manager | None:
-    """What the daemon drives each tick (``.tick()``, ``.annotate(domains)``); None when the port cannot page."""
+def engine_for(hv, config: PolicyConfig | None = None, wake: bool = True) -> Manager | None:
+    """What the daemon drives each tick (``.tick()``, ``.annotate(domains)``); None when the port cannot page.
+    With ``wake``, the port's wake source (``<port>.memory_events.wake_source_for``) is attached too."""
+    import importlib
+
     factory = mechanism_factory_for(hv)
-    return None if factory is None else Manager(hv, factory, config)
+    if factory is None:
+        return None
+    manager = Manager(hv, factory, config)
+    if wake:
+        try:
+            module = importlib.import_module(f"xenswap.hv.{hv.name}.memory_events")
+        except ImportError:
+            module = None
+        make = getattr(module, "wake_source_for", None)
+        if make is not None:
+            manager.waker = make(hv, manager)
+    return manager
