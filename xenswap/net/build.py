@@ -451,8 +451,11 @@ def plan(topology: Topology, naming: Naming, features: Features, recorded_shapin
             add(f"vlan {ns}/{name} (id {vid} on {parent})",
                 lambda b, ns=ns, n=name, p=parent, v=vid: b.add_vlan(ns, n, p, v),
                 lambda b, ns=ns, n=name: b.delete_ns_link(ns, n))
+    readdress: set[str] = set()  # namespaces losing an address: the kernel drops routes through it
     for (ns, ifname), addresses in want.addresses.items():
         current = have.addresses.get((ns, ifname), set())
+        if current - addresses:
+            readdress.add(ns)
         for address in sorted(current - addresses):
             removals.append(Change("-", f"address {address} on {ns}/{ifname}",
                                    lambda b, ns=ns, i=ifname, a=address: b.address("del", ns, i, a)))
@@ -468,7 +471,11 @@ def plan(topology: Topology, naming: Naming, features: Features, recorded_shapin
             removals.append(Change("-", f"route {dst} via {via} in {ns}",
                                    lambda b, ns=ns, d=dst, v=via: b.route("del", ns, d, v)))
         for dst, via in sorted(routes - current):
-            add(f"route {dst} via {via} in {ns}", lambda b, ns=ns, d=dst, v=via: b.route("add", ns, d, v))
+            add(f"route {dst} via {via} in {ns}", lambda b, ns=ns, d=dst, v=via: b.route("replace", ns, d, v))
+        if ns in readdress:
+            for dst, via in sorted(routes & current):
+                additions.append(Change("~", f"route {dst} via {via} in {ns} (again, after the address change)",
+                                        lambda b, ns=ns, d=dst, v=via: b.route("replace", ns, d, v)))
 
     # shaping: compare with what we recorded last time, and check the qdisc is really there
     record = {f"{ns}/{ifname}": shaping_signature(s, features) for (ns, ifname), s in want.shaping.items()}

@@ -401,10 +401,10 @@ class _Validator:
                              f"split it into several LANs joined by a router")
 
     def kernel_checks(self, topology: Topology, features: Features) -> None:
-        """Refuse what this kernel cannot do honestly, one line per interface, before anything is built."""
-        for iface in topology.interfaces():
-            where = f"node {iface.node} interface {iface.name}"
-            shaping = topology.effective_shaping(iface)
+        """Refuse what this kernel cannot do honestly, one line per link or interface, before anything is built."""
+        owners: list[tuple[str, Shaping]] = [(f"link {name}", link.shaping) for name, link in topology.links.items()]
+        owners += [(f"node {i.node} interface {i.name}", i.shaping) for i in topology.interfaces()]
+        for where, shaping in owners:
             if (shaping.delay_us or shaping.jitter_us) and not features.netem:
                 self.problem(f"{where}: delay/jitter needs the netem qdisc (sch_netem), which this kernel lacks; "
                              "there is no honest fallback here: drop the delay or run where netem exists "
@@ -413,5 +413,7 @@ class _Validator:
                 self.problem(f"{where}: loss needs netem or the iptables statistic match; this kernel has neither")
             if shaping.rate_bps and not features.netem and not features.tbf:
                 self.problem(f"{where}: rate needs the tbf or netem qdisc; this kernel has neither")
+        for iface in topology.interfaces():
             if iface.vlan is not None and not features.vlan:
-                self.problem(f"{where}: vlan {iface.vlan} needs 802.1Q support (8021q), which this kernel lacks")
+                self.problem(f"node {iface.node} interface {iface.name}: vlan {iface.vlan} needs 802.1Q support "
+                             "(8021q), which this kernel lacks")

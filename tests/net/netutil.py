@@ -1,0 +1,58 @@
+"""Helpers for the net tests: what of ours exists in the kernel, and commands run inside a namespace."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import time
+
+from xenswap.net import kernel
+
+# our kernel objects: namespaces xs<tid>-<node>, host devices xs<tid>b<hash> / xs<tid>p<hash>
+_OUR_NETNS = re.compile(r"^xs\d+-")
+_OUR_LINK = re.compile(r"^xs\d+[bp][0-9a-f]{7}$")
+
+
+def netns_names() -> set[str]:
+    out = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True, check=True).stdout
+    return {line.split()[0] for line in out.splitlines() if line.strip()}
+
+
+def link_names() -> set[str]:
+    out = subprocess.run(["ip", "-o", "link"], capture_output=True, text=True, check=True).stdout
+    return {line.split(":")[1].strip().split("@")[0] for line in out.splitlines()}
+
+
+def ours() -> tuple[set[str], set[str]]:
+    return ({n for n in netns_names() if _OUR_NETNS.match(n)}, {n for n in link_names() if _OUR_LINK.match(n)})
+
+
+def wait_until_gone(before: tuple[set[str], set[str]], timeout: float = 10.0) -> tuple[set[str], set[str]]:
+    """Namespaces are freed by the kernel asynchronously: give it a moment before comparing."""
+    deadline = time.monotonic() + timeout
+    while True:
+        now = ours()
+        if now == before or time.monotonic() > deadline:
+            return now
+        time.sleep(0.05)
+
+
+def in_ns(ns: str, *cmd: str, timeout: float = 60, check: bool = True) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(["nsenter", f"--net={kernel.ns_path(ns)}", *cmd], capture_output=True, text=True,
+                          timeout=timeout, check=check)
+
+
+def ping_loss(ns: str, address: str, count: int, interval: float = 0.01, deadline: int = 30) -> float:
+    out = in_ns(ns, "ping", "-q", "-n", "-c", str(count), "-i", str(interval), "-W", "1", "-w", str(deadline),
+                address, check=False).stdout
+    match = re.search(r"(\d+) packets transmitted, (\d+) received", out)
+    assert match, out
+    sent, received = int(match.group(1)), int(match.group(2))
+    return 1 - received / sent
+
+
+def ping_rtt_ms(ns: str, address: str, count: int = 5) -> float:
+    out = in_ns(ns, "ping", "-q", "-n", "-c", str(count), "-i", "0.2", "-W", "2", address).stdout
+    match = re.search(r"= [\d.]+/([\d.]+)/", out)
+    assert match, out
+    return float(match.group(1))
