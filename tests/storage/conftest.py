@@ -26,7 +26,7 @@ class Server:
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self) -> Server:
-        cmd = [sys.executable, "-m", "xenswap", "disk", "serve", "--store", str(self.store_dir),
+        cmd = [sys.executable, "-m", "xenswap.storage", "serve", "--store", str(self.store_dir),
                "--socket", str(self.sock), "-v"]
         if self.tcp_port:
             cmd += ["--tcp", f"127.0.0.1:{self.tcp_port}"]

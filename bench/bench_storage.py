@@ -1,0 +1,231 @@
+"""Branching storage benchmark: xenswap's NBD server vs qemu-nbd serving a qcow2 overlay chain.
+
+Both sides hold the same disk history on the same golden image: a raw golden image, then DEPTH generations
+of scattered 4 KiB writes. qcow2 keeps one overlay file per generation (the chain a cloud builds with
+snapshots); xenswap takes a snapshot per generation (flattened, so the disk reads through active delta ->
+base delta -> golden whatever the depth). The same client (libnbd's Python binding, one connection, one
+request at a time) runs the same workloads against each: 4 KiB random reads, 4 KiB random writes (then a
+flush), 1 MiB sequential reads of the whole disk. Printed: throughput of each side and the ratio
+ours/qcow2, and lookup memory per disk.
+
+Run: .venv/bin/python bench/bench_storage.py [--size-mib 256] [--depths 1,8,32] [--seconds 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from xenswap.storage.store import Store
+
+WRITES_PER_GENERATION = 64
+BS = 4096
+
+# Runs under Debian's python3 (python3-libnbd), so both servers see the very same client code.
+CLIENT = r"""
+import json, random, sys, time
+import nbd
+uri, workload, seconds, seed = sys.argv[1], sys.argv[2], float(sys.argv[3]), int(sys.argv[4])
+h = nbd.NBD()
+h.connect_uri(uri)
+size = h.get_size()
+rng = random.Random(seed)
+blocks = size // 4096
+ops = 0
+moved = 0
+start = time.perf_counter()
+deadline = start + seconds
+if workload == "randread":
+    while time.perf_counter() < deadline:
+        for _ in range(200):
+            h.pread(4096, rng.randrange(blocks) * 4096)
+        ops += 200
+    moved = ops * 4096
+elif workload == "randwrite":
+    buf = bytes(rng.randrange(256) for _ in range(4096))
+    while time.perf_counter() < deadline:
+        for _ in range(200):
+            h.pwrite(buf, rng.randrange(blocks) * 4096)
+        ops += 200
+    h.flush()
+    moved = ops * 4096
+elif workload == "seqread":
+    offset = 0
+    while time.perf_counter() < deadline or ops == 0:
+        h.pread(1 << 20, offset)
+        offset = (offset + (1 << 20)) % size
+        ops += 1
+    moved = ops << 20
+elapsed = time.perf_counter() - start
+h.shutdown()
+print(json.dumps({"ops": ops, "seconds": elapsed, "ops_per_s": ops / elapsed, "mib_per_s": moved / elapsed / 2**20}))
+"""
+
+
+def run(*cmd: str) -> str:
+    proc = subprocess.run(list(cmd), capture_output=True, text=True)
+    if proc.returncode:
+        sys.exit(f"{' '.join(cmd[:4])}... failed: {proc.stderr}")
+    return proc.stdout
+
+
+def rss_kib(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    return 0
+
+
+def wait_socket(path: Path, proc: subprocess.Popen) -> None:
+    for _ in range(500):
+        if path.exists():
+            return
+        if proc.poll() is not None:
+            sys.exit(f"server exited: {proc.returncode}")
+        time.sleep(0.01)
+    sys.exit(f"no socket {path}")
+
+
+def make_golden(path: Path, size: int) -> None:
+    rng = random.Random(0)
+    chunk = rng.randbytes(1 << 20)
+    with open(path, "wb") as f:
+        for i in range(size >> 20):
+            # Different bytes per MiB (so nothing dedups or compresses by accident), cheaply.
+            f.write(chunk[i % 4096 :] + chunk[: i % 4096])
+
+
+def history(size: int, depth: int) -> list[list[tuple[int, int]]]:
+    """Per generation: (block, pattern byte) writes, the same for both sides."""
+    rng = random.Random(depth)
+    return [[(rng.randrange(size // BS), rng.randrange(1, 255)) for _ in range(WRITES_PER_GENERATION)]
+            for _ in range(depth)]
+
+
+def build_qcow2(work: Path, golden: Path, gens: list[list[tuple[int, int]]]) -> Path:
+    backing = golden
+    fmt = "raw"
+    for i, gen in enumerate(gens):
+        top = work / f"overlay{i}.qcow2"
+        run("qemu-img", "create", "-q", "-f", "qcow2", "-b", str(backing), "-F", fmt, str(top))
+        cmds = []
+        for block, pattern in gen:
+            cmds += ["-c", f"write -q -P {pattern} {block * BS} {BS}"]
+        run("qemu-io", "-f", "qcow2", *cmds, str(top))
+        backing, fmt = top, "qcow2"
+    return backing
+
+
+def build_ours(store: Store, name: str, gens: list[list[tuple[int, int]]]) -> None:
+    store.branch(name, "golden")
+    for i, gen in enumerate(gens):
+        disk = store.open(name)
+        for block, pattern in gen:
+            disk.write(block * BS, bytes([pattern]) * BS)
+        disk.close()
+        if i < len(gens) - 1:  # the last generation stays in the active delta, like the qcow2 top
+            store.snapshot(name, f"{name}-gen{i}")
+
+
+def client(uri: str, workload: str, seconds: float, seed: int) -> dict:
+    out = run("/usr/bin/python3", "-c", CLIENT, uri, workload, str(seconds), str(seed))
+    return json.loads(out)
+
+
+def measure(kind: str, uri: str, pid: int, seconds: float) -> dict:
+    base_rss = rss_kib(pid)
+    result = {"rss_idle_kib": base_rss}
+    for workload in ("randread", "randwrite", "seqread"):
+        result[workload] = client(uri, workload, seconds, seed=42)
+    result["rss_after_kib"] = rss_kib(pid)
+    return result
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--size-mib", type=int, default=256)
+    parser.add_argument("--depths", default="1,8,32")
+    parser.add_argument("--seconds", type=float, default=3.0, help="per workload and side")
+    parser.add_argument("--json", action="store_true")
+    args = parser.parse_args()
+    if not Path("/usr/lib/python3/dist-packages/nbd.py").exists():
+        sys.exit("needs Debian's python3-libnbd (setup/apt-storage.txt)")
+    size = args.size_mib << 20
+    work = Path(tempfile.mkdtemp(prefix="xenswap-bench-storage-", dir="/var/tmp"))
+    rows = []
+    try:
+        golden = work / "golden.raw"
+        make_golden(golden, size)
+        store = Store(work / "store")
+        store.create_golden("golden", source=str(golden))
+        for depth in (int(d) for d in args.depths.split(",")):
+            gens = history(size, depth)
+            # -- qcow2 chain under qemu-nbd
+            chain_top = build_qcow2(work, golden, gens) if depth else golden
+            sock = work / f"qemu-{depth}.sock"
+            qemu = subprocess.Popen(["qemu-nbd", "-f", "qcow2", "-k", str(sock), "-t", "-e", "4", "-x", "disk",
+                                     "--cache=writeback", str(chain_top)])
+            try:
+                wait_socket(sock, qemu)
+                theirs = measure("qcow2", f"nbd+unix:///disk?socket={sock}", qemu.pid, args.seconds)
+            finally:
+                qemu.terminate()
+                qemu.wait()
+            # -- xenswap
+            name = f"disk{depth}"
+            build_ours(store, name, gens)
+            opened = store.open(name, writable=False)
+            own_map = opened.active.nbytes()
+            shared_map = opened.base.nbytes()
+            opened.close()
+            sock = work / f"xs-{depth}.sock"
+            ours_proc = subprocess.Popen([sys.executable, "-m", "xenswap.storage", "serve", "--store",
+                                          str(store.root), "--socket", str(sock)], stdout=subprocess.DEVNULL)
+            try:
+                wait_socket(sock, ours_proc)
+                ours = measure("xenswap", f"nbd+unix:///{name}?socket={sock}", ours_proc.pid, args.seconds)
+            finally:
+                ours_proc.terminate()
+                ours_proc.wait()
+            for f in work.glob("overlay*.qcow2"):
+                f.unlink()
+            row = {"depth": depth, "ours": ours, "qcow2": theirs,
+                   "ours_map_bytes": {"active": own_map, "base_shared": shared_map}}
+            for w in ("randread", "randwrite", "seqread"):
+                row[f"ratio_{w}"] = ours[w]["ops_per_s"] / theirs[w]["ops_per_s"]
+            rows.append(row)
+            print_row(row)
+        store.close()
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    if args.json:
+        print(json.dumps(rows, indent=2))
+    return 0
+
+
+def print_row(row: dict) -> None:
+    d = row["depth"]
+    o, q = row["ours"], row["qcow2"]
+    print(f"depth {d:>2}:")
+    for w, unit in (("randread", "4k IOPS"), ("randwrite", "4k IOPS"), ("seqread", "MiB/s")):
+        key = "mib_per_s" if unit == "MiB/s" else "ops_per_s"
+        print(f"  {w:<10} ours {o[w][key]:>9.0f}  qcow2 {q[w][key]:>9.0f} {unit:<8} ratio ours/qcow2 "
+              f"{row[f'ratio_{w}']:.2f}x")
+    mb = row["ours_map_bytes"]
+    print(f"  lookup memory: ours map {mb['active'] / 1024:.1f} KiB own + {mb['base_shared'] / 1024:.1f} KiB "
+          f"base (shared by every branch of the snapshot); server RSS growth ours "
+          f"{(o['rss_after_kib'] - o['rss_idle_kib']) / 1024:.1f} MiB, qemu-nbd "
+          f"{(q['rss_after_kib'] - q['rss_idle_kib']) / 1024:.1f} MiB; RSS after ours "
+          f"{o['rss_after_kib'] / 1024:.1f} MiB, qemu-nbd {q['rss_after_kib'] / 1024:.1f} MiB", flush=True)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
