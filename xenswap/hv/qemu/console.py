@@ -83,8 +83,9 @@ class SerialConsole:
     def run_status(self, cmd: str, timeout: float = 30.0) -> tuple[int, str]:
         nonce = secrets.token_hex(6)
         begin, end = f"XSB{nonce}", f"XSE{nonce}"
-        # The '' splits each marker in the echoed input; eval keeps multi-line commands in one unit.
-        line = f"echo {begin[:3]}''{begin[3:]}; eval {_shell_quote(cmd)}; echo {end[:3]}''{end[3:]} $?\n"
+        # The '' splits each marker in the echoed input; eval keeps multi-line commands in one unit, and the
+        # subshell keeps the console's shell alive through an "exit" (state such as cd does not persist).
+        line = f"echo {begin[:3]}''{begin[3:]}; (eval {_shell_quote(cmd)}); echo {end[:3]}''{end[3:]} $?\n"
         pattern = re.compile(re.escape(begin) + r"\r?\n(.*?)" + re.escape(end) + r" (\d+)\r?\n", re.S)
         deadline = time.monotonic() + timeout
         self.lock_path.parent.mkdir(parents=True, exist_ok=True)

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import hashlib
 import os
 import time
 from array import array
@@ -262,3 +263,18 @@ def mechanism_for(hv: object, name: str) -> ProcessMemory:
     vm = QemuVM.open(name)
     start, length = vm.ram_region()
     return ProcessMemory(vm.pid, start, length)
+
+
+def range_digest(pid: int, base: int, length: int) -> str:
+    """sha256 of [base, base+length) of another process (guest RAM of a paused QEMU), read via /proc/PID/mem.
+    Reading faults swapped pages back in: compare digests taken before and after a page-out."""
+    digest = hashlib.sha256()
+    with open(f"/proc/{pid}/mem", "rb", buffering=0) as mem:
+        offset = 0
+        while offset < length:
+            chunk = os.pread(mem.fileno(), min(8 << 20, length - offset), base + offset)
+            if not chunk:
+                raise MemoryMechanismError(f"short read of /proc/{pid}/mem at {base + offset:#x}")
+            digest.update(chunk)
+            offset += len(chunk)
+    return digest.hexdigest()

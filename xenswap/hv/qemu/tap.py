@@ -11,6 +11,23 @@ from pyroute2.netlink.exceptions import NetlinkError
 from xenswap.errors import XenswapError
 
 IFNAMSIZ = 15  # usable characters of a Linux interface name
+_TAP_ID_RE = re.compile(r"^xs(\d+)(-|$)")
+
+
+class TapExists(XenswapError):
+    def __init__(self, name: str):
+        super().__init__(f"host interface {name} already exists (a stale tap? 'xenswap destroy' cleans it)")
+
+
+def host_tap_ids() -> set[int]:
+    """Domain ids whose ``xs<id>-...`` tap exists on this host (from any state directory)."""
+    ids = set()
+    with IPRoute() as ipr:
+        for link in ipr.get_links():
+            match = _TAP_ID_RE.match(link.get_attr("IFLA_IFNAME") or "")
+            if match:
+                ids.add(int(match.group(1)))
+    return ids
 
 
 def tap_name(domid: int, vm_name: str) -> str:
@@ -46,7 +63,7 @@ def create_tap(name: str, bridge: str | None = None, guest_cidr: str | None = No
     the host reaches each guest on its own tap even when several guests share a subnet and gateway."""
     with IPRoute() as ipr:
         if ipr.link_lookup(ifname=name):
-            raise XenswapError(f"host interface {name} already exists (a stale tap? 'xenswap destroy' cleans it)")
+            raise TapExists(name)
         bridge_index = None
         if bridge is not None:
             found = ipr.link_lookup(ifname=bridge)
@@ -57,6 +74,8 @@ def create_tap(name: str, bridge: str | None = None, guest_cidr: str | None = No
         try:
             ipr.link("add", ifname=name, kind="tuntap", mode="tap", ifr=flags)
         except (NetlinkError, OSError) as exc:
+            if getattr(exc, "errno", None) == 16 or getattr(exc, "code", None) == 16:  # EBUSY: taken meanwhile
+                raise TapExists(name) from exc
             raise XenswapError(f"cannot create tap {name}: {exc}") from exc
         index = ipr.link_lookup(ifname=name)[0]
         try:

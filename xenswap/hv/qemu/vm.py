@@ -246,27 +246,23 @@ class QemuVM:
                 if stale is None:
                     raise DuplicateName(name)
                 stale._cleanup()
-            domid = _free_domid()
             vm_dir.mkdir(parents=True)
             if len(str(vm_dir / "qmp-long.sock")) > UNIX_PATH_MAX:
                 shutil.rmtree(vm_dir)
                 raise XenswapError(f"state directory {vm_dir} is too long for unix sockets (set XENSWAP_STATE)")
             config = VMConfig(
-                name=name, domid=domid, mem_mib=mem_mib, vcpus=vcpus, kernel=str(image.kernel),
+                name=name, domid=0, mem_mib=mem_mib, vcpus=vcpus, kernel=str(image.kernel),
                 initrd=str(image.initrd), ip=ip, gateway=gateway, bridge=bridge, disk=disk,
                 mem_backend=mem_backend, recipe_hash=image.recipe_hash, extra_append=extra_append,
             )
-            if network:
-                config.tap = taps.tap_name(domid, name)
-                config.mac = taps.mac_address(domid)
-                if bridge is None and ip is not None:
-                    config.host_address = taps.host_address_for(ip, gateway)
             vm = cls(vm_dir, config)
-            vm._save()
+            try:
+                vm._allocate_id_and_tap(network)
+            except BaseException:
+                vm._cleanup()
+                raise
 
         try:
-            if config.tap:
-                taps.create_tap(config.tap, bridge=bridge, guest_cidr=None if bridge else ip, gateway=gateway)
             vm._start_qemu()
         except BaseException:
             vm._cleanup()
@@ -274,6 +270,36 @@ class QemuVM:
         if wait_up:
             vm.wait_up(timeout)
         return vm
+
+    def _allocate_id_and_tap(self, network: bool, attempts: int = 8) -> None:
+        """Pick the smallest free domain id and create its tap (registry lock held).
+
+        Ids must be unique on the whole host, not just in this state directory, because tap names and MACs
+        derive from them and several state directories (test sessions) may run guests at once: ids whose
+        ``xs<id>-`` tap exists on the host are taken too, and losing a race for a tap name moves on to the
+        next id.
+        """
+        config = self.config
+        skip: set[int] = set()
+        for _ in range(attempts):
+            config.domid = _free_domid(skip | taps.host_tap_ids())
+            self._save()  # the id is reserved in this state directory from here on
+            if not network:
+                return
+            name = taps.tap_name(config.domid, config.name)
+            try:
+                taps.create_tap(name, bridge=config.bridge, guest_cidr=None if config.bridge else config.ip,
+                                gateway=config.gateway)
+            except taps.TapExists:
+                skip.add(config.domid)
+                continue
+            config.tap = name  # only a tap we created is ever deleted by us
+            config.mac = taps.mac_address(config.domid)
+            if config.bridge is None and config.ip is not None:
+                config.host_address = taps.host_address_for(config.ip, config.gateway)
+            self._save()
+            return
+        raise XenswapError(f"no free tap name for {config.name!r} after {attempts} attempts")
 
     def _start_qemu(self) -> None:
         argv = qemu_argv(self.config, self._dir)
@@ -495,7 +521,12 @@ def _load_if_dead(vm_dir: Path) -> QemuVM | None:
     vm = _load(vm_dir)
     if vm is None:
         return QemuVM(vm_dir, VMConfig(name=vm_dir.name, domid=-1, mem_mib=0, vcpus=0, kernel="", initrd=""))
-    return None if vm.alive() else vm
+    return None if vm.alive() or _starting(vm) else vm
+
+
+def _starting(vm: QemuVM) -> bool:
+    """Being created by some process right now: no QEMU pid yet, and recently made."""
+    return vm.config.pid is None and time.time() - vm.config.created < STARTING_GRACE_S
 
 
 STARTING_GRACE_S = 120  # a VM dir without a pid this young is still being created by someone
@@ -512,8 +543,7 @@ def list_vms(clean: bool = True) -> list[QemuVM]:
         if vm is not None and vm.alive():
             vms.append(vm)
             continue
-        young = vm is not None and vm.config.pid is None and time.time() - vm.config.created < STARTING_GRACE_S
-        if clean and not young:
+        if clean and not (vm is not None and _starting(vm)):
             with _registry_lock():
                 stale = _load_if_dead(vm_dir)
                 if stale is not None:
@@ -521,9 +551,9 @@ def list_vms(clean: bool = True) -> list[QemuVM]:
     return sorted(vms, key=lambda v: v.domid)
 
 
-def _free_domid() -> int:
-    """The smallest id >= 1 not held by any VM directory (call with the registry lock held)."""
-    used = set()
+def _free_domid(taken: set[int] | None = None) -> int:
+    """The smallest id >= 1 not in ``taken`` nor held by a VM directory (call with the registry lock held)."""
+    used = set(taken or ())
     root = qemu_root()
     for vm_dir in sorted(root.iterdir()) if root.is_dir() else ():
         if not vm_dir.is_dir():
@@ -531,8 +561,7 @@ def _free_domid() -> int:
         vm = _load(vm_dir)
         if vm is None:
             continue
-        starting = vm.config.pid is None and time.time() - vm.config.created < STARTING_GRACE_S
-        if vm.alive() or starting:
+        if vm.alive() or _starting(vm):
             used.add(vm.domid)
         else:
             vm._cleanup()  # a dead VM's id (and tap name) is free again

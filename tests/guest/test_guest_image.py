@@ -1,0 +1,153 @@
+"""Fast tier: the guest image recipe, its initramfs, modules and init script (no VM is booted here)."""
+
+from __future__ import annotations
+
+import gzip
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from xenswap import debs
+from xenswap.errors import XenswapError
+from xenswap.guest import image as guest_image
+from xenswap.guest.cpio import Archive
+from xenswap.guest.image import GuestImage, build_guest_image, check_image, make_recipe
+from xenswap.guest.kmod import ModuleTree, module_name, read_modinfo
+
+
+@pytest.fixture(scope="module")
+def built() -> GuestImage:
+    """The real image (downloaded and built once per machine into the shared cache)."""
+    return build_guest_image()
+
+
+@pytest.fixture(scope="module")
+def kernel_tree() -> ModuleTree:
+    pkg = debs.kernel_package()
+    return ModuleTree(debs.fetch_tree([pkg])[pkg])
+
+
+def _cpio_list(initrd: Path) -> list[str]:
+    raw = gzip.decompress(initrd.read_bytes())
+    proc = subprocess.run(["cpio", "-t", "--quiet"], input=raw, capture_output=True, check=True)
+    return proc.stdout.decode().split()
+
+
+def test_recipe_hash_is_stable_and_covers_every_input() -> None:
+    packages = {"linux-image-6.1.0-1-amd64": "6.1.1-1", "busybox-static": "1:1.35.0-4"}
+    base = make_recipe(packages)
+    assert base.hash() == make_recipe(dict(packages)).hash()
+    assert len(base.hash()) == 16
+    changed = [
+        make_recipe({**packages, "busybox-static": "1:1.35.0-5"}),
+        make_recipe(packages, with_dropbear=False),
+        make_recipe(packages, modules=["virtio_net"]),
+    ]
+    hashes = {base.hash()} | {r.hash() for r in changed}
+    assert len(hashes) == 1 + len(changed)
+
+
+def test_recipe_hash_follows_init_script_and_builder(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    packages = {"busybox-static": "1"}
+    before = make_recipe(packages).hash()
+    edited = tmp_path / "init.sh"
+    edited.write_text(guest_image.INIT_SCRIPT.read_text() + "\n# edited\n")
+    monkeypatch.setattr(guest_image, "INIT_SCRIPT", edited)
+    assert make_recipe(packages).hash() != before
+    monkeypatch.undo()
+    monkeypatch.setattr(guest_image, "builder_source", lambda: "another builder")
+    assert make_recipe(packages).hash() != before
+
+
+def test_init_script_parses_with_busybox_sh() -> None:
+    busybox = shutil.which("busybox")
+    assert busybox, "busybox-static is a set-up dependency"
+    proc = subprocess.run([busybox, "sh", "-n", str(guest_image.INIT_SCRIPT)], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+
+
+def test_cpio_archive_is_reproducible_and_readable_by_cpio(tmp_path: Path) -> None:
+    def make() -> Archive:
+        archive = Archive()
+        archive.file("etc/motd", b"hello\n")
+        archive.file("init", b"#!/bin/sh\n", 0o755)
+        archive.symlink("bin/sh", "/bin/busybox")
+        archive.char_device("dev/console", 5, 1)
+        return archive
+
+    first, second = tmp_path / "a.cpio.gz", tmp_path / "b.cpio.gz"
+    make().write_gzip(first)
+    make().write_gzip(second)
+    assert first.read_bytes() == second.read_bytes()
+    raw = gzip.decompress(first.read_bytes())
+    proc = subprocess.run(["cpio", "-tv", "--quiet"], input=raw, capture_output=True, check=True)
+    listing = proc.stdout.decode()
+    assert "dev/console" in listing and listing.count("\n") == 7  # 4 entries + 3 parent dirs
+    console_line = next(line for line in listing.splitlines() if line.endswith("dev/console"))
+    assert console_line.startswith("c") and "5," in console_line
+
+
+def test_module_dependencies_come_first(kernel_tree: ModuleTree) -> None:
+    order = [m.name for m in kernel_tree.load_order(["ext4", "virtio_net", "xen-netfront", "8021q"])]
+    for module, needs in (("ext4", "jbd2"), ("ext4", "mbcache"), ("virtio_net", "virtio_ring"), ("8021q", "garp")):
+        assert order.index(needs) < order.index(module)
+    assert "xen_netfront" in order
+    assert len(order) == len(set(order))
+
+
+def test_modinfo_reads_depends_from_the_elf(kernel_tree: ModuleTree) -> None:
+    info = read_modinfo(kernel_tree.path(kernel_tree.module("ext4")).read_bytes())
+    assert set(info["depends"][0].split(",")) >= {"jbd2", "mbcache"}
+    with pytest.raises(XenswapError):
+        read_modinfo(b"not an elf file at all")
+    with pytest.raises(XenswapError, match="no module"):
+        kernel_tree.module("no_such_module_xyz")
+    assert module_name("kernel/drivers/net/xen-netfront.ko") == "xen_netfront"
+
+
+def test_built_image_holds_init_busybox_modules(built: GuestImage) -> None:
+    assert built.kernel.stat().st_size > 4 << 20
+    names = set(_cpio_list(built.initrd))
+    kmods = f"lib/modules/{built.kernel_version}"
+    for expected in ("init", "bin/busybox", "bin/sh", "sbin/insmod", "dev/console", f"{kmods}/xenswap.load",
+                     f"{kmods}/modules.dep", "usr/sbin/dropbear", "lib64/ld-linux-x86-64.so.2"):
+        assert expected in names, expected
+    for ko in ("virtio_net.ko", "virtio_blk.ko", "virtio_pci.ko", "ext4.ko", "xen-netfront.ko", "xen-blkfront.ko"):
+        assert any(n.endswith("/" + ko) for n in names), ko
+
+
+def test_build_is_cached_by_recipe(built: GuestImage) -> None:
+    again = build_guest_image()
+    assert again == built
+    assert built.initrd.parent.name == built.recipe_hash
+
+
+def test_initramfs_is_reproducible(built: GuestImage, tmp_path: Path) -> None:
+    """Rebuilding the same recipe from the same packages gives byte-identical files."""
+    names = [debs.kernel_package(), guest_image.BUSYBOX_PACKAGE, *guest_image.DROPBEAR_PACKAGES]
+    downloaded = debs.download(names)
+    trees = {d.name: debs.extract(d) for d in downloaded}
+    recipe = make_recipe({d.name: d.version for d in downloaded})
+    assert recipe.hash() == built.recipe_hash
+    guest_image._build_into(tmp_path, recipe, trees, names[0])
+    assert (tmp_path / "initrd.gz").read_bytes() == built.initrd.read_bytes()
+
+
+def test_missing_kernel_image_is_a_clear_error(tmp_path: Path) -> None:
+    image = GuestImage(tmp_path / "vmlinuz", tmp_path / "initrd.gz", "0" * 16, "6.1.0-0-amd64")
+    with pytest.raises(XenswapError, match=r"guest kernel image .*vmlinuz is missing"):
+        check_image(image)
+    with pytest.raises(XenswapError, match="no guest image"):
+        guest_image.load_image(tmp_path)
+
+
+def test_cli_guest_build_json(built: GuestImage, capsys: pytest.CaptureFixture[str]) -> None:
+    import json
+
+    from xenswap.cli import main
+
+    assert main(["guest", "build", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out == built.to_json()

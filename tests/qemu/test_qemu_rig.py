@@ -1,0 +1,172 @@
+"""Rig tier of the QEMU port: one real 128 MiB guest under TCG, shared by the tests of this module."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import time
+import urllib.request
+from collections.abc import Iterator
+
+import pytest
+
+from xenswap.cli import main
+from xenswap.errors import UnknownDomain
+from xenswap.guest.image import build_guest_image
+from xenswap.hv.qemu import QemuVM, open_hypervisor
+from xenswap.hv.qemu import tap as taps
+from xenswap.hv.qemu.vm import DuplicateName, GuestBootTimeout
+
+pytestmark = pytest.mark.rig
+
+# A subnet of its own per test session (the pid picks it), so parallel sessions on one host do not collide.
+SUBNET = f"10.{200 + os.getpid() % 50}.{os.getpid() % 250}"
+
+
+@pytest.fixture(scope="module")
+def guest() -> Iterator[QemuVM]:
+    image = build_guest_image()
+    started = time.monotonic()
+    vm = QemuVM.create("rigvm", image=image, ip=f"{SUBNET}.2/24", timeout=180)
+    boot_s = time.monotonic() - started
+    print(f"\nguest boot to {vm.name} UP marker: {boot_s:.1f} s, QEMU RSS {vm.rss_kib() / 1024:.0f} MiB")
+    try:
+        yield vm
+    finally:
+        if vm.alive():
+            vm.destroy()
+
+
+def test_guest_is_listed_with_pid_vcpus_tap(guest: QemuVM, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["list", "--hv", "qemu", "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    (row,) = [r for r in rows if r["name"] == "rigvm"]
+    assert row["domid"] == guest.domid and row["mem_mib"] == 128 and row["vcpus"] == 1
+    assert row["extra"]["pid"] == guest.pid and row["extra"]["tap"] == guest.tap
+    assert row["extra"]["vcpu_tids"] == guest.vcpu_thread_ids()
+    assert row["state"] in ("r-----", "-b----") and row["cpu_time_s"] > 0
+    assert open_hypervisor().lookup(str(guest.domid)).name == "rigvm"
+
+
+def test_vcpu_threads_belong_to_the_qemu_process(guest: QemuVM) -> None:
+    tids = guest.vcpu_thread_ids()
+    assert len(tids) == 1
+    for tid in tids:
+        assert os.path.isdir(f"/proc/{guest.pid}/task/{tid}")
+        assert "CPU 0" in open(f"/proc/{guest.pid}/task/{tid}/comm").read()
+
+
+def test_ping_from_host_reaches_guest_on_its_tap(guest: QemuVM) -> None:
+    assert taps.tap_exists(guest.tap)
+    proc = subprocess.run(["ping", "-c", "3", "-i", "0.2", "-W", "3", guest.ip], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    route = subprocess.run(["ip", "route", "get", guest.ip], capture_output=True, text=True).stdout
+    assert f"dev {guest.tap}" in route
+
+
+def test_http_service_names_the_guest(guest: QemuVM) -> None:
+    with urllib.request.urlopen(f"http://{guest.ip}/", timeout=20) as response:
+        body = response.read().decode()
+    assert "xenswap guest rigvm" in body
+
+
+def test_console_round_trip(guest: QemuVM) -> None:
+    assert guest.console.run("hostname", timeout=30).strip() == "rigvm"
+    out = guest.console.run("echo one; echo two >&2; printf 'a b\\n'", timeout=30)
+    assert out.splitlines() == ["one", "two", "a b"]
+    status, out = guest.console.run_status("ls /no/such/path", timeout=30)
+    assert status != 0 and "No such file" in out
+    # multi-line commands and quotes survive the framing
+    loop = "for i in 1 2 3; do\n echo \"n=$i'\"\ndone"
+    assert guest.console.run(loop, timeout=30).split() == ["n=1'", "n=2'", "n=3'"]
+    assert guest.console.run("ip -4 addr show eth0", timeout=30).count(guest.ip) == 1
+    guest.console.wait_for(r"XENSWAP_GUEST_UP rigvm", timeout=1)
+
+
+def test_console_command_via_cli(guest: QemuVM, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["console", "rigvm", "-c", "cat /proc/sys/kernel/hostname"]) == 0
+    assert capsys.readouterr().out.strip() == "rigvm"
+    assert main(["console", str(guest.domid), "-c", "exit 3"]) == 3
+
+
+def test_pause_stops_vcpu_time_and_resume_restarts(guest: QemuVM) -> None:
+    guest.pause()
+    try:
+        assert guest.status() == "paused"
+        assert open_hypervisor().lookup("rigvm").state == "--p---"
+        before = guest.vcpu_times()
+        time.sleep(1.5)
+        assert guest.vcpu_times() == before
+    finally:
+        guest.resume()
+    assert guest.status() == "running"
+    # the guest's timer ticks keep its vCPU busy a little: time grows again once resumed
+    before = guest.vcpu_times()
+    deadline = time.monotonic() + 20
+    while guest.vcpu_times() == before and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert guest.vcpu_times()[0] > before[0]
+    assert guest.console.run("echo alive", timeout=30).strip() == "alive"
+
+
+def test_pause_unpause_via_cli(guest: QemuVM) -> None:
+    assert main(["pause", "rigvm"]) == 0
+    assert guest.status() == "paused"
+    assert main(["unpause", str(guest.domid)]) == 0
+    assert guest.status() == "running"
+
+
+def test_ram_region_is_guest_memory(guest: QemuVM) -> None:
+    start, length = guest.ram_region()
+    assert length == 128 << 20
+    with open(f"/proc/{guest.pid}/maps") as maps:
+        spans = [tuple(int(x, 16) for x in line.split()[0].split("-")) for line in maps]
+    assert (start, start + length) in spans
+    # The same bytes through QEMU (guest-physical) and through the host mapping: it really is the guest's RAM.
+    probe = guest.state_dir / "probe.bin"
+    guest.qmp("pmemsave", {"val": 0x100000, "size": 4096, "filename": str(probe)})
+    with open(f"/proc/{guest.pid}/mem", "rb") as mem:
+        mem.seek(start + 0x100000)
+        assert mem.read(4096) == probe.read_bytes()
+    assert guest._confirm_by_content([start], length) == start
+
+
+def test_duplicate_name_is_refused(guest: QemuVM) -> None:
+    with pytest.raises(DuplicateName, match="already exists"):
+        QemuVM.create("rigvm")
+    assert QemuVM.open("rigvm").pid == guest.pid
+
+
+def test_boot_timeout_names_the_serial_log_tail_and_cleans_up() -> None:
+    with pytest.raises(GuestBootTimeout) as info:
+        QemuVM.create("slowvm", ip=f"{SUBNET}.9/24", timeout=3)
+    message = str(info.value)
+    assert "did not print XENSWAP_GUEST_UP within 3s" in message and "serial log tail" in message
+    with pytest.raises(UnknownDomain):
+        QemuVM.open("slowvm")
+    assert not any(t.endswith("-slowvm") for t in _host_taps())
+
+
+def _host_taps() -> list[str]:
+    return os.listdir("/sys/class/net")
+
+
+def _process_gone(pid: int) -> bool:
+    """Exited: no /proc entry, or only a zombie waiting for the host's init to reap it."""
+    try:
+        stat = open(f"/proc/{pid}/stat").read()
+    except FileNotFoundError:
+        return True
+    return stat[stat.rindex(")") + 2] in "ZX"
+
+
+def test_destroy_leaves_nothing_behind() -> None:
+    vm = QemuVM.create("gonevm", wait_up=False)
+    pid, tap, state = vm.pid, vm.tap, vm.state_dir
+    assert taps.tap_exists(tap) and state.is_dir()
+    assert main(["destroy", "gonevm"]) == 0
+    assert _process_gone(pid)
+    assert not taps.tap_exists(tap)
+    assert not state.exists()
+    assert "gonevm" not in [d.name for d in open_hypervisor().list_domains()]
