@@ -42,12 +42,14 @@ def in_ns(ns: str, *cmd: str, timeout: float = 60, check: bool = True) -> subpro
                           timeout=timeout, check=check)
 
 
-def ping_loss(ns: str, address: str, count: int, interval: float = 0.01, deadline: int = 30) -> float:
-    out = in_ns(ns, "ping", "-q", "-n", "-c", str(count), "-i", str(interval), "-W", "1", "-w", str(deadline),
-                address, check=False).stdout
+def ping_loss(ns: str, address: str, count: int, interval: float = 0.005) -> float:
+    """Fraction of ``count`` echo requests without a reply (no -w: with it, ping keeps going until count replies)."""
+    out = in_ns(ns, "ping", "-q", "-n", "-c", str(count), "-i", str(interval), "-W", "1", address,
+                check=False).stdout
     match = re.search(r"(\d+) packets transmitted, (\d+) received", out)
     assert match, out
     sent, received = int(match.group(1)), int(match.group(2))
+    assert sent == count, out
     return 1 - received / sent
 
 

@@ -32,6 +32,7 @@ from xenswap.net.topology import Features, Shaping, Topology
 RTPROT_STATIC = 4
 IFA_F_NODAD = 0x02
 MAIN_TABLE = 254
+NEW_NAMESPACE_SYSCTLS = {"net.ipv6.conf.all.accept_dad": "0", "net.ipv6.conf.default.accept_dad": "0"}
 
 
 def _short_hash(text: str) -> str:
@@ -238,7 +239,8 @@ class Builder:
     # --- operations (each is undone by its counterpart) -------------------------------------------------
 
     def add_namespace(self, ns: str) -> None:
-        handle = self._remember(ns, kernel.create_namespace(ns))
+        # no duplicate address detection: a link-local address in DAD delays the first IPv6 packets by ~1-2 s
+        handle = self._remember(ns, kernel.create_namespace(ns, NEW_NAMESPACE_SYSCTLS))
         handle.link("set", index=self.index(handle, "lo"), state="up")
 
     def remove_namespace(self, ns: str) -> None:
@@ -255,7 +257,8 @@ class Builder:
 
     def add_bridge(self, name: str, alias: str) -> None:
         # the kernel ignores IFLA_IFALIAS on creation: the alias goes with the "up"
-        self.root.link("add", ifname=name, kind="bridge", group=self.naming.group)
+        # no multicast snooping: without an MLD querier it can swallow IPv6 neighbour solicitations
+        self.root.link("add", ifname=name, kind="bridge", group=self.naming.group, br_mcast_snooping=0)
         self._host_ipv6_off(name)
         self.root.link("set", index=self.index(self.root, name), state="up", ifalias=alias)
 

@@ -83,8 +83,9 @@ def _netlink_socket() -> socket.socket:
     return socket.socket(socket.AF_NETLINK, socket.SOCK_DGRAM, NETLINK_ROUTE)
 
 
-def create_namespace(name: str) -> IPRoute:
-    """Create and name a new network namespace; returns an IPRoute bound to it (caller closes it)."""
+def create_namespace(name: str, sysctls: dict[str, str] | None = None) -> IPRoute:
+    """Create and name a new network namespace, write ``sysctls`` in it while we are there; returns an
+    IPRoute bound to it (caller closes it)."""
     with _lock:
         home = _home()
         if _libc.unshare(CLONE_NEWNET) != 0:
@@ -92,6 +93,9 @@ def create_namespace(name: str) -> IPRoute:
             raise NetError(f"cannot create network namespace {name}: {os.strerror(err)}")
         try:
             netns.attach(name, "thread-self")
+            for key, value in (sysctls or {}).items():
+                with open("/proc/sys/" + key.replace(".", "/"), "w") as handle:
+                    handle.write(value)
             sock = _netlink_socket()
         except FileExistsError:
             raise NetError(f"network namespace {name} already exists") from None
