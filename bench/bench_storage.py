@@ -8,14 +8,13 @@ request at a time) runs the same workloads against each: 4 KiB random reads, 4 K
 flush), 1 MiB sequential reads of the whole disk. Printed: throughput of each side and the ratio
 ours/qcow2, and lookup memory per disk.
 
-Run: .venv/bin/python bench/bench_storage.py [--size-mib 256] [--depths 1,8,32] [--seconds 3]
+Run: .venv/bin/python bench/bench_storage.py [--size-mib 256] [--depths 1,8,32] [--seconds 1] [--rounds 5]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import os
 import random
 import shutil
 import subprocess
@@ -140,20 +139,34 @@ def client(uri: str, workload: str, seconds: float, seed: int) -> dict:
     return json.loads(out)
 
 
-def measure(kind: str, uri: str, pid: int, seconds: float) -> dict:
-    base_rss = rss_kib(pid)
-    result = {"rss_idle_kib": base_rss}
-    for workload in ("randread", "randwrite", "seqread"):
-        result[workload] = client(uri, workload, seconds, seed=42)
-    result["rss_after_kib"] = rss_kib(pid)
-    return result
+def interleaved(sides: dict[str, tuple[str, int]], rounds: int, seconds: float) -> dict[str, dict]:
+    """Run every workload on each side in turns (the order flips each round), so that noise from other
+    work on the machine hits both sides alike; keep the median of the rounds."""
+    samples: dict[str, dict[str, list[dict]]] = {side: {} for side in sides}
+    idle = {side: rss_kib(pid) for side, (_, pid) in sides.items()}
+    names = list(sides)
+    for r in range(rounds):
+        for workload in ("randread", "randwrite", "seqread"):
+            for side in names if r % 2 == 0 else names[::-1]:
+                uri = sides[side][0]
+                samples[side].setdefault(workload, []).append(client(uri, workload, seconds, seed=42 + r))
+    out: dict[str, dict] = {}
+    for side, (_, pid) in sides.items():
+        result: dict = {"rss_idle_kib": idle[side], "rss_after_kib": rss_kib(pid)}
+        for workload, runs in samples[side].items():
+            runs.sort(key=lambda x: x["ops_per_s"])
+            result[workload] = runs[len(runs) // 2]
+            result[workload]["all_ops_per_s"] = [round(x["ops_per_s"], 1) for x in runs]
+        out[side] = result
+    return out
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--size-mib", type=int, default=256)
     parser.add_argument("--depths", default="1,8,32")
-    parser.add_argument("--seconds", type=float, default=3.0, help="per workload and side")
+    parser.add_argument("--seconds", type=float, default=1.0, help="per workload, side and round")
+    parser.add_argument("--rounds", type=int, default=5, help="alternating rounds (median is kept)")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
     if not Path("/usr/lib/python3/dist-packages/nbd.py").exists():
@@ -168,33 +181,29 @@ def main() -> int:
         store.create_golden("golden", source=str(golden))
         for depth in (int(d) for d in args.depths.split(",")):
             gens = history(size, depth)
-            # -- qcow2 chain under qemu-nbd
-            chain_top = build_qcow2(work, golden, gens) if depth else golden
-            sock = work / f"qemu-{depth}.sock"
-            qemu = subprocess.Popen(["qemu-nbd", "-f", "qcow2", "-k", str(sock), "-t", "-e", "4", "-x", "disk",
-                                     "--cache=writeback", str(chain_top)])
-            try:
-                wait_socket(sock, qemu)
-                theirs = measure("qcow2", f"nbd+unix:///disk?socket={sock}", qemu.pid, args.seconds)
-            finally:
-                qemu.terminate()
-                qemu.wait()
-            # -- xenswap
+            chain_top = build_qcow2(work, golden, gens)
             name = f"disk{depth}"
             build_ours(store, name, gens)
             opened = store.open(name, writable=False)
             own_map = opened.active.nbytes()
             shared_map = opened.base.nbytes()
             opened.close()
-            sock = work / f"xs-{depth}.sock"
+            qsock, xsock = work / f"qemu-{depth}.sock", work / f"xs-{depth}.sock"
+            qemu = subprocess.Popen(["qemu-nbd", "-f", "qcow2", "-k", str(qsock), "-t", "-e", "4", "-x", "disk",
+                                     "--cache=writeback", str(chain_top)])
             ours_proc = subprocess.Popen([sys.executable, "-m", "xenswap.storage", "serve", "--store",
-                                          str(store.root), "--socket", str(sock)], stdout=subprocess.DEVNULL)
+                                          str(store.root), "--socket", str(xsock)], stdout=subprocess.DEVNULL)
             try:
-                wait_socket(sock, ours_proc)
-                ours = measure("xenswap", f"nbd+unix:///{name}?socket={sock}", ours_proc.pid, args.seconds)
+                wait_socket(qsock, qemu)
+                wait_socket(xsock, ours_proc)
+                both = interleaved({"ours": (f"nbd+unix:///{name}?socket={xsock}", ours_proc.pid),
+                                    "qcow2": (f"nbd+unix:///disk?socket={qsock}", qemu.pid)},
+                                   args.rounds, args.seconds)
             finally:
-                ours_proc.terminate()
-                ours_proc.wait()
+                for proc in (qemu, ours_proc):
+                    proc.terminate()
+                    proc.wait()
+            ours, theirs = both["ours"], both["qcow2"]
             for f in work.glob("overlay*.qcow2"):
                 f.unlink()
             row = {"depth": depth, "ours": ours, "qcow2": theirs,
