@@ -170,6 +170,22 @@ class ProcessMemory:
                 pages = self._advise(gfns, MADV_PAGEOUT)
         return pages
 
+    def trim_swap_cache(self, gfns: Iterable[int] | None = None, timeout: float = 5.0) -> None:
+        """Free the RAM that just-paged-out frames still hold as swap cache.
+
+        With a swap *file* the write-out is asynchronous: reclaim cannot free a page under writeback, so after
+        MADV_PAGEOUT most pages linger, unmapped, in the swap cache until memory pressure (zram is synchronous
+        and has no such tail). Once writeback is done we map the pages back without I/O (a read through
+        /proc/PID/mem takes a minor fault on each swap-cache page) and page them out again: now they are
+        clean, already on disk, and reclaim frees them at once."""
+        runs = [(0, self.guest_pages())] if gfns is None else list(to_ranges(gfns))
+        wait_for_writeback(timeout)
+        with open(f"/proc/{self.pid}/mem", "rb", buffering=0) as mem:
+            for first, count in runs:
+                os.preadv(mem.fileno(), [bytearray(count * PAGE_SIZE)], self.base + first * PAGE_SIZE)
+        self._advise(None if gfns is None else (g for first, count in runs for g in range(first, first + count)),
+                     MADV_PAGEOUT)
+
     def prefetch(self, gfns: Iterable[int]) -> int:
         return self._advise(list(gfns), MADV_WILLNEED)
 
@@ -187,6 +203,17 @@ class ProcessMemory:
             self.page_out(left)
         self._measuring = True
         return touched
+
+
+def wait_for_writeback(timeout: float = 5.0) -> None:
+    """Until the host has no pages under writeback (or timeout): page-outs to a swap file are asynchronous."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with open("/proc/meminfo") as f:
+            writeback = next((int(line.split()[1]) for line in f if line.startswith("Writeback:")), 0)
+        if writeback < 64:
+            return
+        time.sleep(0.01)
 
 
 @contextlib.contextmanager
