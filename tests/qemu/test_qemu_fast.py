@@ -40,11 +40,25 @@ def test_qemu_argv_tcg_nodefaults_tap_disk(tmp_path: Path) -> None:
     assert "memory-backend-ram,id=xenswap-ram,size=128M" in joined and "memory-backend=xenswap-ram" in joined
     assert "tap,id=net0,ifname=xs7-vm1,script=no,downscript=no" in joined
     assert "virtio-net-pci,netdev=net0,mac=52:54:00:00:00:07" in joined
-    assert "file=nbd+unix:///e?socket=/s,if=none,id=disk0,cache=none,format=raw" in joined
+    assert "file=nbd+unix:///e?socket=/s,if=none,id=disk0,format=raw" in joined
     assert "virtio-blk-pci,drive=disk0" in joined
     assert f"unix:{tmp_path / 'qmp.sock'},server=on,wait=off" in joined
     no_net = qemu_argv(_config(), tmp_path)
     assert "-netdev" not in no_net and "-drive" not in no_net
+
+
+def test_disk_format_is_named_not_probed(tmp_path: Path) -> None:
+    import subprocess
+
+    from xenswap.hv.qemu.vm import disk_format
+
+    raw, qcow = tmp_path / "d.raw", tmp_path / "d.qcow2"
+    subprocess.run(["qemu-img", "create", "-q", "-f", "raw", str(raw), "1M"], check=True)
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(qcow), "1M"], check=True)
+    assert disk_format(str(raw)) == "raw" and disk_format(str(qcow)) == "qcow2"
+    assert disk_format("nbd+unix:///export?socket=/run/x.sock") == "raw"
+    with pytest.raises(XenswapError, match="cannot be read"):
+        disk_format(str(tmp_path / "missing.img"))
 
 
 def test_qemu_argv_escapes_commas(tmp_path: Path) -> None:

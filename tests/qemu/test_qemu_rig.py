@@ -12,7 +12,7 @@ from collections.abc import Iterator
 import pytest
 
 from xenswap.cli import main
-from xenswap.errors import UnknownDomain
+from xenswap.errors import UnknownDomain, XenswapError
 from xenswap.guest.image import build_guest_image
 from xenswap.hv.qemu import QemuVM, open_hypervisor
 from xenswap.hv.qemu import tap as taps
@@ -25,10 +25,15 @@ SUBNET = f"10.{200 + os.getpid() % 50}.{os.getpid() % 250}"
 
 
 @pytest.fixture(scope="module")
-def guest() -> Iterator[QemuVM]:
+def guest(tmp_path_factory: pytest.TempPathFactory) -> Iterator[QemuVM]:
     image = build_guest_image()
+    # an ext4 disk made on the host (mkfs.ext4 -d fills it from a folder), attached as virtio-blk
+    content = tmp_path_factory.mktemp("disk-content")
+    (content / "hello.txt").write_text("hello from the host\n")
+    disk = tmp_path_factory.mktemp("disk") / "disk.raw"
+    subprocess.run(["mkfs.ext4", "-q", "-F", "-d", str(content), str(disk), "16M"], check=True, capture_output=True)
     started = time.monotonic()
-    vm = QemuVM.create("rigvm", image=image, ip=f"{SUBNET}.2/24", timeout=180)
+    vm = QemuVM.create("rigvm", image=image, ip=f"{SUBNET}.2/24", disk=str(disk), timeout=180)
     boot_s = time.monotonic() - started
     print(f"\nguest boot to {vm.name} UP marker: {boot_s:.1f} s, QEMU RSS {vm.rss_kib() / 1024:.0f} MiB")
     try:
@@ -63,6 +68,11 @@ def test_ping_from_host_reaches_guest_on_its_tap(guest: QemuVM) -> None:
     assert proc.returncode == 0, proc.stdout + proc.stderr
     route = subprocess.run(["ip", "route", "get", guest.ip], capture_output=True, text=True).stdout
     assert f"dev {guest.tap}" in route
+
+
+def test_no_ipv6_chatter_on_either_end(guest: QemuVM) -> None:
+    assert open(f"/proc/sys/net/ipv6/conf/{guest.tap}/disable_ipv6").read().strip() == "1"
+    assert guest.console.run("cat /proc/sys/net/ipv6/conf/eth0/disable_ipv6", timeout=30).strip() == "1"
 
 
 def test_http_service_names_the_guest(guest: QemuVM) -> None:
@@ -130,6 +140,32 @@ def test_ram_region_is_guest_memory(guest: QemuVM) -> None:
         mem.seek(start + 0x100000)
         assert mem.read(4096) == probe.read_bytes()
     assert guest._confirm_by_content([start], length) == start
+
+
+def test_disk_is_virtio_blk_with_ext4(guest: QemuVM) -> None:
+    out = guest.console.run("mkdir -p /mnt && mount -t ext4 /dev/vda /mnt && cat /mnt/hello.txt; umount /mnt", 60)
+    assert out.strip() == "hello from the host"
+
+
+def test_bridge_enslaves_the_tap() -> None:
+    from pyroute2 import IPRoute
+
+    bridge = f"xsbr{os.getpid() % 100000}"
+    with IPRoute() as ipr:
+        ipr.link("add", ifname=bridge, kind="bridge")
+        try:
+            vm = QemuVM.create("brvm", bridge=bridge, ip=f"{SUBNET}.3/24", wait_up=False)
+            try:
+                (link,) = ipr.get_links(ipr.link_lookup(ifname=vm.tap)[0])
+                assert link.get_attr("IFLA_MASTER") == ipr.link_lookup(ifname=bridge)[0]
+                assert not ipr.get_addr(index=link["index"], family=2)  # bridged: no routed host address on the tap
+            finally:
+                vm.destroy()
+        finally:
+            ipr.link("del", index=ipr.link_lookup(ifname=bridge)[0])
+    with pytest.raises(XenswapError, match="bridge 'no-such-br' does not exist"):
+        QemuVM.create("brvm2", bridge="no-such-br", wait_up=False)
+    assert "brvm2" not in [d.name for d in open_hypervisor().list_domains()]
 
 
 def test_duplicate_name_is_refused(guest: QemuVM) -> None:

@@ -6,6 +6,7 @@
 #   xenswap.ip=ADDR/PREFIX    static address of eth0      xenswap.gw=ADDR        default route
 #   xenswap.hostname=NAME     hostname (default: guest)   xenswap.ssh=0          do not start dropbear
 #   xenswap.netwait=SECONDS   how long to wait for eth0 when an address is given (default 15)
+#   xenswap.ipv6=1            keep IPv6 (off by default: its background traffic wakes idle guests)
 # When the guest is up it prints "XENSWAP_GUEST_UP <hostname>" on every console.
 
 export PATH=/sbin:/bin:/usr/sbin:/usr/bin
@@ -24,6 +25,7 @@ GW=
 HOSTNAME=guest
 SSH=1
 NETWAIT=15
+IPV6=0
 for arg in $(cat /proc/cmdline); do
     case "$arg" in
         xenswap.ip=*) IP="${arg#*=}" ;;
@@ -31,6 +33,7 @@ for arg in $(cat /proc/cmdline); do
         xenswap.hostname=*) HOSTNAME="${arg#*=}" ;;
         xenswap.ssh=*) SSH="${arg#*=}" ;;
         xenswap.netwait=*) NETWAIT="${arg#*=}" ;;
+        xenswap.ipv6=*) IPV6="${arg#*=}" ;;
     esac
 done
 hostname "$HOSTNAME"
@@ -43,6 +46,9 @@ while read -r ko; do
     insmod "/lib/modules/$KVER/$ko" 2>/dev/null
 done <"/lib/modules/$KVER/xenswap.load"
 
+# IPv6 off unless asked for: its autoconfiguration and MLD chatter would wake an idle guest now and then.
+[ "$IPV6" = 1 ] || echo 1 >/proc/sys/net/ipv6/conf/default/disable_ipv6
+[ "$IPV6" = 1 ] || echo 1 >/proc/sys/net/ipv6/conf/all/disable_ipv6
 ip link set lo up
 if [ -n "$IP" ]; then
     waited=0

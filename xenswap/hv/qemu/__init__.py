@@ -29,11 +29,16 @@ class QemuHypervisor(Hypervisor):
     def list_domains(self) -> list[DomainInfo]:
         domains = []
         for vm in list_vms():
+            extra: dict = {}
             try:
                 status, cpus = _status_and_cpus(vm)
+                tids = [cpu["thread-id"] for cpu in sorted(cpus, key=lambda c: c["cpu-index"])]
             except QMPFailure:
-                continue  # exited between the directory scan and now
-            tids = [cpu["thread-id"] for cpu in sorted(cpus, key=lambda c: c["cpu-index"])]
+                if not vm.alive():
+                    continue  # exited between the directory scan and now
+                # Monitor busy or hung: still list the VM, with what /proc tells (run state unknown).
+                status, tids = "unknown", _vcpu_tids_from_proc(vm.pid)
+                extra["qmp"] = "unreachable"
             domains.append(
                 DomainInfo(
                     name=vm.name,
@@ -42,7 +47,8 @@ class QemuHypervisor(Hypervisor):
                     vcpus=len(tids) or vm.config.vcpus,
                     state=_xl_state(status, any(_thread_running(vm.pid, t) for t in tids)),
                     cpu_time_s=vm.cpu_seconds(),
-                    extra={"pid": vm.pid, "vcpu_tids": tids, "tap": vm.tap, "ip": vm.ip, "rss_kib": vm.rss_kib()},
+                    extra={"pid": vm.pid, "vcpu_tids": tids, "tap": vm.tap, "ip": vm.ip, "rss_kib": vm.rss_kib(),
+                           **extra},
                 )
             )
         return domains
@@ -63,6 +69,19 @@ class QemuHypervisor(Hypervisor):
         QemuVM.open(ref).destroy()
 
 
+def _vcpu_tids_from_proc(pid: int) -> list[int]:
+    """vCPU threads by name (QEMU runs with debug-threads=on: "CPU 0/TCG"), in vCPU order."""
+    found = []
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            comm = (task / "comm").read_text().strip()
+        except OSError:
+            continue
+        if comm.startswith("CPU ") and "/" in comm:
+            found.append((int(comm[4:].split("/")[0]), int(task.name)))
+    return [tid for _, tid in sorted(found)]
+
+
 def _status_and_cpus(vm: QemuVM) -> tuple[str, list[dict]]:
     status, cpus = qmp_session(vm.qmp_socket, [("query-status", None), ("query-cpus-fast", None)], timeout=5.0)
     return status["status"], cpus
@@ -70,7 +89,7 @@ def _status_and_cpus(vm: QemuVM) -> tuple[str, list[dict]]:
 
 def _xl_state(status: str, vcpu_running: bool) -> str:
     """xl's six flags (r b p s c d) from QEMU's run state."""
-    if status == "running":
+    if status in ("running", "unknown"):
         return "r-----" if vcpu_running else "-b----"
     if status in ("paused", "suspended", "prelaunch", "inmigrate", "postmigrate", "finish-migrate", "save-vm",
                   "restore-vm", "debug", "watchdog"):

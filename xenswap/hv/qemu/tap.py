@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import ipaddress
 import re
+import time
+from pathlib import Path
 
 from pyroute2 import IPRoute
-from pyroute2.netlink.exceptions import NetlinkError
+from pyroute2.netlink.exceptions import NetlinkDumpInterrupted, NetlinkError
 
 from xenswap.errors import XenswapError
 
@@ -21,13 +23,17 @@ class TapExists(XenswapError):
 
 def host_tap_ids() -> set[int]:
     """Domain ids whose ``xs<id>-...`` tap exists on this host (from any state directory)."""
-    ids = set()
-    with IPRoute() as ipr:
-        for link in ipr.get_links():
-            match = _TAP_ID_RE.match(link.get_attr("IFLA_IFNAME") or "")
-            if match:
-                ids.add(int(match.group(1)))
-    return ids
+    for attempt in range(10):
+        try:
+            with IPRoute() as ipr:
+                names = [link.get_attr("IFLA_IFNAME") or "" for link in ipr.get_links()]
+            break
+        except NetlinkDumpInterrupted:
+            # links changed during the dump (others create interfaces at the same time): dump again
+            time.sleep(0.02 * (attempt + 1))
+    else:
+        raise XenswapError("cannot list host interfaces: the netlink dump kept being interrupted")
+    return {int(m.group(1)) for m in map(_TAP_ID_RE.match, names) if m}
 
 
 def tap_name(domid: int, vm_name: str) -> str:
@@ -79,6 +85,7 @@ def create_tap(name: str, bridge: str | None = None, guest_cidr: str | None = No
             raise XenswapError(f"cannot create tap {name}: {exc}") from exc
         index = ipr.link_lookup(ifname=name)[0]
         try:
+            _disable_ipv6(name)
             if bridge_index is not None:
                 ipr.link("set", index=index, master=bridge_index)
             elif guest_cidr is not None:
@@ -90,6 +97,14 @@ def create_tap(name: str, bridge: str | None = None, guest_cidr: str | None = No
         except (NetlinkError, OSError) as exc:
             ipr.link("del", index=index)
             raise XenswapError(f"cannot set up tap {name}: {exc}") from exc
+
+
+def _disable_ipv6(name: str) -> None:
+    """No IPv6 on the host end: otherwise the host sends router/neighbour solicitations and MLD reports into
+    the guest on its own, packets that wake an idle guest and blur its measured working set."""
+    knob = Path(f"/proc/sys/net/ipv6/conf/{name}/disable_ipv6")
+    if knob.exists():
+        knob.write_text("1\n")
 
 
 def delete_tap(name: str) -> bool:

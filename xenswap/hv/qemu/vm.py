@@ -91,6 +91,7 @@ class VMConfig:
     created: float = field(default_factory=time.time)
     pid: int | None = None
     extra_append: str = ""
+    up_s: float | None = None  # seconds from create to the guest's UP marker
 
 
 def kernel_cmdline(config: VMConfig) -> str:
@@ -149,12 +150,23 @@ def qemu_argv(config: VMConfig, vm_dir: Path) -> list[str]:
             "-device", f"virtio-net-pci,netdev=net0,mac={config.mac},romfile=",
         ]
     if config.disk:
-        fmt = ",format=raw" if "://" in config.disk or config.disk.startswith("nbd:") else ""
         argv += [
-            "-drive", f"file={_qemu_escape(config.disk)},if=none,id=disk0,cache=none{fmt}",
+            "-drive", f"file={_qemu_escape(config.disk)},if=none,id=disk0,format={disk_format(config.disk)}",
             "-device", "virtio-blk-pci,drive=disk0",
         ]
     return argv
+
+
+def disk_format(spec: str) -> str:
+    """qcow2 for a qcow2 file, raw for anything else (a URI such as nbd+unix:// serves raw blocks). Naming the
+    format keeps QEMU from probing, which is unsafe for raw images and warns on every start."""
+    if "://" in spec or spec.startswith("nbd:"):
+        return "raw"
+    try:
+        with open(spec, "rb") as fh:
+            return "qcow2" if fh.read(4) == b"QFI\xfb" else "raw"
+    except OSError as exc:
+        raise XenswapError(f"disk {spec!r} cannot be read: {exc.strerror}") from exc
 
 
 def _pid_is_qemu_of(pid: int, vm_dir: Path) -> bool:
@@ -329,7 +341,9 @@ class QemuVM:
                 self.destroy()
                 raise GuestBootTimeout(self.name, timeout, tail)
             time.sleep(0.1)
-        return time.time() - self.config.created
+        self.config.up_s = round(time.time() - self.config.created, 2)
+        self._save()
+        return self.config.up_s
 
     @classmethod
     def open(cls, ref: str | int) -> QemuVM:
