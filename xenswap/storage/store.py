@@ -609,6 +609,14 @@ class Disk:
             self.fds[self.active_layer] = self.append_fd  # type: ignore[index]
             # Blocks past the last whole block are a torn tail from a crash: never referenced, overwrite.
             self.append_index = os.fstat(self.append_fd).st_size // self.block_size
+        # Space reuse: blocks of the active data file that no map references (overwritten, trimmed, or
+        # written after the last flush before a crash) are written again instead of growing the file.
+        self.unflushed: set[int] = set()
+        self.free_after_flush: list[int] = []
+        self.free: list[int] = []
+        if self.writable:
+            used = {entry[2] for _, entry in self.active.entries() if entry[0] == self.active_layer}
+            self.free = [i for i in range(self.append_index - 1, -1, -1) if i not in used]
         self.writes_since_flush = 0
 
     # -- lookups ----------------------------------------------------------------------------------------
@@ -739,25 +747,57 @@ class Disk:
         for i in range(count):
             block = view[i << shift : (i + 1) << shift]
             if block == zero_block:
-                self.active.set(first + i, ZERO_FILE, 0, 0)
-                self.dirty.add((first + i) >> CLUSTER_SHIFT)
+                self._replace(first + i, ZERO_FILE, 0, 0)
             else:
                 keep.append((i, block))
         if keep:
-            index = self.append_index
-            if len(keep) == count:
-                payload: bytes | memoryview = view
-            else:
-                payload = b"".join(bytes(b) for _, b in keep)
-            written = os.pwrite(self.append_fd, payload, index << shift)  # type: ignore[arg-type]
-            if written != len(keep) << shift:
-                raise StorageError(f"{self.name}: short write to the data file (disk full?)")
-            self.append_index = index + len(keep)
+            indexes = self._allocate(len(keep))
+            fd = self.append_fd
+            # One pwrite per run of blocks that are contiguous both in the request and in the data file.
+            run_start = 0
+            for k in range(1, len(keep) + 1):
+                if k < len(keep) and indexes[k] == indexes[k - 1] + 1 and keep[k][0] == keep[k - 1][0] + 1:
+                    continue
+                chunk = view[keep[run_start][0] << shift : (keep[k - 1][0] + 1) << shift]
+                if os.pwrite(fd, chunk, indexes[run_start] << shift) != len(chunk):  # type: ignore[arg-type]
+                    raise StorageError(f"{self.name}: short write to the data file (disk full?)")
+                run_start = k
             file_id = self.active_layer
-            for n, (i, block) in enumerate(keep):
-                self.active.set(first + i, file_id, zlib.crc32(block), index + n)  # type: ignore[arg-type]
-                self.dirty.add((first + i) >> CLUSTER_SHIFT)
+            for (i, block), index in zip(keep, indexes, strict=True):
+                self._replace(first + i, file_id, zlib.crc32(block), index)  # type: ignore[arg-type]
+                self.unflushed.add(index)
         self.writes_since_flush += 1
+
+    def _replace(self, vba: int, file_id: int, crc: int, index: int) -> None:
+        old = self.active.get(vba)
+        self.active.set(vba, file_id, crc, index)
+        self.dirty.add(vba >> CLUSTER_SHIFT)
+        if old is not None:
+            self._release(old)
+
+    def _release(self, old: tuple[int, int, int]) -> None:
+        """A block of the active data file is no longer mapped. If no durable map can reference it (it was
+        written after the last flush) it is free now; otherwise only once the next flush has committed a map
+        without it -- until then a crash would bring the old map, and this block, back."""
+        if old[0] != self.active_layer:
+            return
+        index = old[2]
+        if index in self.unflushed:
+            self.unflushed.discard(index)
+            self.free.append(index)
+        else:
+            self.free_after_flush.append(index)
+
+    def _allocate(self, count: int) -> list[int]:
+        """Indexes for ``count`` new blocks: reused free ones first, then the end of the file."""
+        take = min(count, len(self.free))
+        indexes = [self.free.pop() for _ in range(take)]
+        indexes.sort()
+        rest = count - take
+        if rest:
+            indexes.extend(range(self.append_index, self.append_index + rest))
+            self.append_index += rest
+        return indexes
 
     def write_zeroes(self, offset: int, length: int) -> None:
         self._require_writable()
@@ -771,8 +811,7 @@ class Disk:
         if offset < first * bs:
             self.write(offset, bytes(first * bs - offset))
         for vba in range(first, end):
-            self.active.set(vba, ZERO_FILE, 0, 0)
-            self.dirty.add(vba >> CLUSTER_SHIFT)
+            self._replace(vba, ZERO_FILE, 0, 0)
         if offset + length > end * bs:
             self.write(end * bs, bytes(offset + length - end * bs))
         self.writes_since_flush += 1
@@ -782,9 +821,11 @@ class Disk:
         self._require_writable()
         bs = self.block_size
         for vba in range(-(-offset // bs), (offset + length) // bs):
-            if self.active.get(vba) is not None:
+            old = self.active.get(vba)
+            if old is not None:
                 self.active.delete(vba)
                 self.dirty.add(vba >> CLUSTER_SHIFT)
+                self._release(old)
         self.writes_since_flush += 1
 
     def flush(self) -> None:
@@ -812,6 +853,9 @@ class Disk:
             db.execute("ROLLBACK")
             raise
         self.dirty.clear()
+        self.free.extend(self.free_after_flush)
+        self.free_after_flush.clear()
+        self.unflushed.clear()
         self.writes_since_flush = 0
 
     # -- status -----------------------------------------------------------------------------------------
