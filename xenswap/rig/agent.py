@@ -51,7 +51,8 @@ class Agent:
                 return  # host gone: the output has nowhere to go, the command still finishes
             view = view[written:]
 
-    def serve(self) -> None:
+    def serve(self, stop_on_eof: bool = False) -> None:
+        """Serve requests forever (``stop_on_eof``: return when the peer closes, for a socket peer in tests)."""
         decoder = FrameDecoder()
         while True:
             try:
@@ -60,6 +61,8 @@ class Agent:
                 data = None
             except OSError:
                 data = b""
+            if not data and stop_on_eof:
+                return
             if not data:
                 # EOF means "host not connected" on a virtio-serial port; poll until someone connects
                 time.sleep(0.1)

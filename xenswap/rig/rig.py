@@ -231,10 +231,10 @@ class Rig:
         config = config or BootConfig(xen=xen, xen_path=Path(xen_path) if xen_path else None, **overrides)
         if config.xen != "stock" and config.xen_path is None:
             raise RigError(f"unknown hypervisor {config.xen!r}: use xen='stock' or pass xen_path=")
+        if config.xen_path is not None and not config.xen_path.is_file():
+            raise RigError(f"hypervisor image {config.xen_path} does not exist (build it first, or boot xen='stock')")
         image = build_rig_image()
         xen_elf = config.xen_path or image.xen
-        if not xen_elf.is_file():
-            raise RigError(f"hypervisor image {xen_elf} does not exist")
         state_dir = state_dir or default_state_dir()
         existing = _read_state(state_dir)
         if existing and _pid_is_rig(existing.get("pid", 0), state_dir):

@@ -1,0 +1,59 @@
+"""Fixtures for the tests that run inside the nested Xen rig's dom0 (``@pytest.mark.dom0``).
+
+The host-side rig test (tests/rig/test_nested_xen.py) exports where dom0 sees the tiny guest image:
+XENSWAP_GUEST_KERNEL and XENSWAP_GUEST_INITRD (paths on the rig's read-only cache share).
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from xenswap.hv.xen import xl
+
+
+def guest_files() -> tuple[Path, Path]:
+    kernel, initrd = os.environ.get("XENSWAP_GUEST_KERNEL"), os.environ.get("XENSWAP_GUEST_INITRD")
+    if not kernel or not initrd:
+        pytest.fail("XENSWAP_GUEST_KERNEL/XENSWAP_GUEST_INITRD not set: run these tests through the rig "
+                    "(tests/rig/test_nested_xen.py or 'xenswap rig boot --guest-image')")
+    paths = Path(kernel), Path(initrd)
+    for path in paths:
+        if not path.is_file():
+            pytest.fail(f"guest image file {path} not visible in dom0")
+    return paths
+
+
+@pytest.fixture
+def hv():
+    from xenswap.hv.xen import open_hypervisor
+
+    port = open_hypervisor()
+    yield port
+    port.close()
+
+
+def _guest(kind: str, memory_mib: int = 128) -> Iterator[xl.GuestSpec]:
+    kernel, initrd = guest_files()
+    spec = xl.GuestSpec(name=f"t{kind}-{secrets.token_hex(3)}", kernel=kernel, initrd=initrd, kind=kind,
+                        memory_mib=memory_mib)
+    try:
+        xl.create(spec)
+        yield spec
+    finally:
+        xl.destroy(spec.name)
+
+
+@pytest.fixture(scope="module")
+def pv_guest() -> Iterator[xl.GuestSpec]:
+    """A 128 MiB PV guest from the tiny image, created once per module and destroyed at its end."""
+    yield from _guest("pv")
+
+
+@pytest.fixture(scope="module")
+def pvh_guest() -> Iterator[xl.GuestSpec]:
+    yield from _guest("pvh")

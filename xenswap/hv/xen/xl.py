@@ -1,0 +1,96 @@
+"""Thin helpers around ``xl`` for creating and destroying small guests in a Xen dom0 (tests and the rig use
+them; the toolstack itself stays xl). Guest consoles are logged by ``xenconsoled --log=guest`` to
+/var/log/xen/console/guest-NAME.log, which is where boot markers are looked for."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from xenswap.errors import MissingTool, XenswapError
+
+CONSOLE_LOG_DIR = Path("/var/log/xen/console")
+CONFIG_DIR = Path("/run/xenswap/xl")
+GUEST_UP_MARKER = "XENSWAP_GUEST_UP"
+
+
+@dataclass
+class GuestSpec:
+    name: str
+    kernel: Path
+    initrd: Path
+    kind: str = "pv"  # "pv" or "pvh" (no device model needed for either)
+    memory_mib: int = 128
+    vcpus: int = 1
+    cmdline: str = ""
+    extra: dict[str, str] = field(default_factory=dict)  # further raw xl.cfg settings
+
+    def config(self) -> str:
+        if self.kind not in ("pv", "pvh"):
+            raise XenswapError(f"guest type {self.kind!r} not supported here (pv or pvh)")
+        args = f"console=hvc0 xenswap.hostname={self.name} {self.cmdline}".strip()
+        lines = {
+            "name": f'"{self.name}"',
+            "type": f'"{self.kind}"',
+            "kernel": f'"{self.kernel}"',
+            "ramdisk": f'"{self.initrd}"',
+            "extra": f'"{args}"',
+            "memory": str(self.memory_mib),
+            "vcpus": str(self.vcpus),
+            "on_crash": '"preserve"',
+            **self.extra,
+        }
+        return "".join(f"{key} = {value}\n" for key, value in lines.items())
+
+
+def _xl(*args: str, timeout: float = 180) -> str:
+    if shutil.which("xl") is None:
+        raise MissingTool("xl", "xen-utils-4.17")
+    proc = subprocess.run(["xl", *args], capture_output=True, text=True, timeout=timeout)
+    if proc.returncode != 0:
+        detail = (proc.stderr or proc.stdout).strip()[-800:]
+        raise XenswapError(f"xl {' '.join(args)} failed ({proc.returncode}): {detail}")
+    return proc.stdout
+
+
+def console_log(name: str) -> Path:
+    return CONSOLE_LOG_DIR / f"guest-{name}.log"
+
+
+def create(spec: GuestSpec, timeout: float = 180) -> Path:
+    """``xl create`` the guest; returns its config file. Clears an old console log of the same name so a
+    marker found later belongs to this boot."""
+    CONFIG_DIR.mkdir(parents=True, exist_ok=True)
+    cfg = CONFIG_DIR / f"{spec.name}.cfg"
+    cfg.write_text(spec.config())
+    console_log(spec.name).unlink(missing_ok=True)
+    _xl("create", str(cfg), timeout=timeout)
+    return cfg
+
+
+def destroy(name: str) -> None:
+    """Destroy a domain if it exists (idempotent: for finalizers)."""
+    if shutil.which("xl") is None:
+        return
+    subprocess.run(["xl", "destroy", name], capture_output=True, timeout=120)
+
+
+def wait_for_console(name: str, text: str, timeout: float) -> float:
+    """Seconds until ``text`` appeared in the guest's console log; raises XenswapError with the log's tail."""
+    started = time.monotonic()
+    log = console_log(name)
+    while time.monotonic() - started < timeout:
+        try:
+            if text in log.read_text(errors="replace"):
+                return time.monotonic() - started
+        except OSError:
+            pass
+        time.sleep(0.5)
+    try:
+        last = "\n".join(log.read_text(errors="replace").splitlines()[-20:])
+    except OSError:
+        last = "(no console log)"
+    raise XenswapError(f"{text!r} not seen on {name}'s console within {timeout:g} s; last lines:\n{last}")
