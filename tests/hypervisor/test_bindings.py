@@ -1,0 +1,87 @@
+"""Fast tier: the Cython bindings build and import on this host, and without Xen every entry point fails with the
+errno and the name of the C function that failed (no /dev/xen here)."""
+
+from __future__ import annotations
+
+import errno
+import os
+import re
+from pathlib import Path
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from xenswap.hv.xen import XenUnavailable, bindings
+
+PATCHES = Path(__file__).resolve().parents[2] / "hypervisor-patches"
+NO_XEN = not Path("/dev/xen/privcmd").exists()
+
+xc = pytest.importorskip("xenswap.hv.xen._xenctrl", reason="built only where libxen-dev is installed")
+
+
+def test_module_constants_match_the_hypervisor_headers():
+    # Xen's public headers: HVM_PARAM_PAGING_RING_PFN 27, VM_EVENT_REASON_MEM_PAGING 3, interface version 7
+    assert (xc.PAGING_RING, xc.SHARING_RING) == (27, 29)
+    assert (xc.REASON_MEM_PAGING, xc.REASON_MEM_SHARING) == (3, 2)
+    assert xc.VM_EVENT_INTERFACE_VERSION == 7
+
+
+def test_private_abi_matches_our_patches():
+    """The binding mirrors numbers the patches define: a renumbering in one must show up in the other."""
+    domctl = (PATCHES / "0001-x86-p2m-pt-xenswap-harvest-accessed-domctl.patch").read_text()
+    prefetch = (PATCHES / "0002-evtchn-xenswap-event-prefetch-hook.patch").read_text()
+    pxd = (Path(xc.__file__).parent / "_xenctrl.pxd").read_text()
+    number = re.search(r"^\+#define XEN_DOMCTL_xenswap_op\s+(\d+)", domctl, re.M).group(1)
+    assert re.search(rf"#define XS_DOMCTL_xenswap_op {number}\b", pxd)
+    reason = re.search(r"^\+#define VM_EVENT_REASON_XENSWAP_EVTCHN\s+(0x[0-9a-f]+)", prefetch, re.M).group(1)
+    assert xc.REASON_XENSWAP_EVTCHN == int(reason, 16)
+    sub_op = re.search(r"^\+#define XEN_DOMCTL_XENSWAP_evtchn_prefetch\s+(\d+)", prefetch, re.M).group(1)
+    assert re.search(rf"#define XS_OP_evtchn_prefetch {sub_op}\b", pxd)
+
+
+@pytest.mark.skipif(not NO_XEN, reason="this host runs Xen")
+@pytest.mark.parametrize(("factory", "function"), [
+    (lambda: xc.XenCtrl(), "xc_interface_open"),
+    (lambda: xc.EventChannel(), "xenevtchn_open"),
+    (lambda: xc.ForeignMemory(), "xenforeignmemory_open"),
+])
+def test_open_without_xen_names_the_call_and_errno(factory, function):
+    with pytest.raises(OSError) as caught:
+        factory()
+    assert caught.value.errno == errno.ENOENT
+    assert caught.value.filename == function
+    assert str(caught.value) == f"[Errno {errno.ENOENT}] {os.strerror(errno.ENOENT)}: '{function}'"
+
+
+@pytest.mark.skipif(not NO_XEN, reason="this host runs Xen")
+def test_bindings_layer_says_to_run_in_dom0():
+    expected = r"no Xen control interface here \(xc_interface_open: .*\): run this in dom0"
+    with pytest.raises(XenUnavailable, match=expected):
+        bindings.open_xenctrl()
+
+
+def test_response_echoes_what_xen_matches_on():
+    request = xc.VmEvent(reason=xc.REASON_MEM_PAGING, vcpu_id=1, flags=xc.FLAG_VCPU_PAUSED | 2, gfn=0x1234,
+                         p2mt=7, u_flags=xc.PAGING_EVICT_FAIL)
+    response = request.response()
+    assert (response.reason, response.vcpu_id, response.gfn, response.p2mt) == (3, 1, 0x1234, 7)
+    assert response.flags == xc.FLAG_VCPU_PAUSED  # only the pause flag goes back: Xen unpauses on it
+    assert response.u_flags == xc.PAGING_EVICT_FAIL
+    assert "gfn=0x1234" in repr(response)
+    held = xc.VmEvent(reason=xc.REASON_XENSWAP_EVTCHN, vcpu_id=0, port=5).response()
+    assert (held.reason, held.port, held.flags) == (xc.REASON_XENSWAP_EVTCHN, 5, 0)
+
+
+def test_paging_load_rejects_a_short_page_before_calling_xen():
+    # Reaching the size check needs a handle; without Xen the open fails first, which is the path tested above.
+    if NO_XEN:
+        pytest.skip("needs a Xen dom0 to get a handle")
+    with bindings.open_xenctrl() as ctrl, pytest.raises(ValueError, match="4096"):
+        ctrl.mem_paging_load(0, 0, b"x" * 10)
+
+
+@given(st.binary(max_size=64), st.integers(min_value=0, max_value=1 << 40))
+def test_bitmap_to_gfns_matches_bit_by_bit(bitmap, first):
+    expected = [first + i for i in range(len(bitmap) * 8) if bitmap[i // 8] >> (i % 8) & 1]
+    assert bindings.bitmap_to_gfns(bitmap, first) == expected
