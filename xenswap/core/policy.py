@@ -286,10 +286,18 @@ class Manager:
 
     # -- actions (also used by the CLI)
 
+    @staticmethod
+    def _release_overhead(mech: MemoryMechanism) -> None:
+        """Optional mechanism extra: page out the hypervisor's own per-domain memory (QEMU's heap, TCG cache)."""
+        release = getattr(mech, "release_overhead", None)
+        if release is not None:
+            release()
+
     def _page_out_ws(self, st: DomainState, mech: MemoryMechanism) -> int:
         keep = set(st.model.resident_set(self.clock(), self.config.frequent_rate))
         out = [gfn for gfn in range(mech.guest_pages()) if gfn not in keep]
         n = mech.page_out(out)
+        self._release_overhead(mech)
         st.pageouts += 1
         st.phase = WORKING_SET
         self.store.save(st)
@@ -312,6 +320,7 @@ class Manager:
             n = self._page_out_ws(st, mech)
         elif not pause:
             n = mech.page_out(None)  # the guest keeps running and faults back what it touches
+            self._release_overhead(mech)
             st.pageouts += 1
             st.phase = WORKING_SET
             self.store.save(st)
@@ -320,6 +329,7 @@ class Manager:
             self.store.save(st)
             self.hv.pause(name)
             n = mech.page_out(None)
+            self._release_overhead(mech)
             st.pageouts += 1
             st.phase = PAGED_OUT
             self.store.save(st)
@@ -330,12 +340,14 @@ class Manager:
         decision.pages = n
         return decision
 
-    def page_in(self, name: str, event: str | None = None, all_pages: bool = False) -> Decision:
-        """Prefetch an event's working set (or everything), then resume the domain if we paused it."""
+    def page_in(self, name: str, event: str | None = None, all_pages: bool = False, prefetch: bool = True
+                ) -> Decision:
+        """Prefetch an event's working set (or everything), then resume the domain if we paused it.
+        ``prefetch=False`` only resumes: pure demand paging (the baseline prefetching is measured against)."""
         with self._lock:
-            return self._page_in(name, event, all_pages)
+            return self._page_in(name, event, all_pages, prefetch)
 
-    def _page_in(self, name: str, event: str | None, all_pages: bool) -> Decision:
+    def _page_in(self, name: str, event: str | None, all_pages: bool, prefetch: bool) -> Decision:
         if self.waker is not None:
             self.waker.unwatch(name)
         st = self.state(name)
@@ -346,7 +358,7 @@ class Manager:
             pages = st.model.predicted(event) or st.model.resident_set(self.clock())
         else:
             pages = st.model.resident_set(self.clock())
-        n = mech.prefetch(pages)
+        n = mech.prefetch(pages) if prefetch else 0
         if event:
             st.model.note(event, self.clock())
         if st.phase in (PAUSING, PAGED_OUT):

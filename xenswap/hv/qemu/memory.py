@@ -183,6 +183,8 @@ class ProcessMemory:
                 if cpu is not None:
                     os.sched_setaffinity(0, {cpu})
                 done = process_madvise(self.pidfd, ranges, MADV_PAGEOUT)
+        if self.trim:
+            self._trim_ranges(ranges)
         return done
 
     def trim_swap_cache(self, gfns: Iterable[int] | None = None, timeout: float = 5.0) -> None:
@@ -194,12 +196,16 @@ class ProcessMemory:
         /proc/PID/mem takes a minor fault on each swap-cache page) and page them out again: now they are
         clean, already on disk, and reclaim frees them at once."""
         runs = [(0, self.guest_pages())] if gfns is None else list(to_ranges(gfns))
+        self._trim_ranges([(self.base + first * PAGE_SIZE, count * PAGE_SIZE) for first, count in runs], timeout)
+
+    def _trim_ranges(self, ranges: list[tuple[int, int]], timeout: float = 5.0) -> None:
         wait_for_writeback(timeout)
         with open(f"/proc/{self.pid}/mem", "rb", buffering=0) as mem:
-            for first, count in runs:
-                os.preadv(mem.fileno(), [bytearray(count * PAGE_SIZE)], self.base + first * PAGE_SIZE)
-        self._advise(None if gfns is None else (g for first, count in runs for g in range(first, first + count)),
-                     MADV_PAGEOUT)
+            for addr, length in ranges:
+                for off in range(0, length, 8 << 20):
+                    with contextlib.suppress(OSError):  # a mapping that went away meanwhile
+                        os.preadv(mem.fileno(), [bytearray(min(8 << 20, length - off))], addr + off)
+        process_madvise(self.pidfd, ranges, MADV_PAGEOUT)
 
     def prefetch(self, gfns: Iterable[int]) -> int:
         return self._advise(list(gfns), MADV_WILLNEED)
@@ -266,9 +272,17 @@ def parse_maps(pid: int) -> list[tuple[int, int, str, str]]:
 
 
 def anonymous_ranges(pid: int) -> list[tuple[int, int]]:
-    """Every private anonymous writable mapping (QEMU's own heap, TCG buffers and guest RAM)."""
-    return [(s, e - s) for s, e, perms, path in parse_maps(pid)
-            if "w" in perms and (path == "" or path.startswith("[heap")) and perms.endswith("p")]
+    """Every private mapping that can hold the process's own anonymous pages: anonymous maps, heap and stack,
+    and the copied-on-write pages of private file maps (.data, .bss, RELRO). Pages of a file map shared with
+    other processes (library text) are skipped by the kernel itself, so other processes are not hurt."""
+    out = []
+    for start, end, perms, path in parse_maps(pid):
+        if not perms.endswith("p") or perms.startswith("---"):
+            continue
+        if path.startswith("[") and path not in ("[heap]", "[stack]"):
+            continue  # [vdso], [vvar], [vsyscall]: special mappings madvise refuses
+        out.append((start, end - start))
+    return out
 
 
 def rss_kib(pid: int) -> int:

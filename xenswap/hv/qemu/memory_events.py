@@ -189,9 +189,10 @@ class PacketWaker:
 class TapWakeSource:
     """The manager's ``WakeSource`` for QEMU guests: a PacketWaker over their taps."""
 
-    def __init__(self, manager) -> None:
+    def __init__(self, manager, prefetch: bool = True) -> None:
         self.manager = manager
-        self.waker = PacketWaker(lambda name, event: manager.page_in(name, event=event))
+        self.prefetch = prefetch  # False: resume only (demand paging), for comparison
+        self.waker = PacketWaker(lambda name, event: manager.page_in(name, event=event, prefetch=self.prefetch))
 
     def watch(self, name: str) -> None:
         from xenswap.hv.qemu.vm import QemuVM

@@ -1,0 +1,264 @@
+"""Paging benchmarks, each side by side with its anchor in one run (issue 3).
+
+P1  host memory per idle guest: N identical idle guests fully resident (anchor) vs managed (paged out to the
+    measured idle working set, QEMU's own memory released). Per guest: PSS of the QEMU process plus its share
+    of the growth of the host's swap cache.
+P2  wake-to-reply of one guest (ping RTT; TCP connect + HTTP GET of the first request): fully resident (anchor),
+    paged out to its working set (running), paged out entirely + paused woken by the packet with prefetch of
+    the event's working set, the same with demand paging only (resume, no prefetch), and a QMP
+    migrate-to-file save + ``-incoming`` restore.
+
+    .venv/bin/python bench/bench_paging.py --n 20 --reps 5
+
+Needs root, QEMU and the guest image (built on first use). Prints a table and ratios; --json for raw figures.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from xenswap.core.policy import Manager, engine_for, mechanism_factory_for
+from xenswap.hv.qemu import QemuVM, open_hypervisor
+from xenswap.hv.qemu.memory import smaps_rollup
+from xenswap.hv.qemu.memory_events import http_get
+from xenswap.hv.qemu.memory_swap import ensure_swap
+from xenswap.hv.qemu.vm import qemu_argv
+
+TAG = f"b{os.getpid() % 10000}"
+
+
+def meminfo(key: str) -> int:
+    with open("/proc/meminfo") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith(key + ":"))
+
+
+def pss_kib(pid: int) -> int:
+    return smaps_rollup(pid)["Pss"]
+
+
+def log(text: str) -> None:
+    print(text, file=sys.stderr, flush=True)
+
+
+# ---------------------------------------------------------------- P1
+
+
+def bench_p1(n: int, mem: int, settle: float) -> dict:
+    hv = open_hypervisor()
+    vms: list[QemuVM] = []
+    try:
+        t0 = time.monotonic()
+        for i in range(n):
+            vms.append(QemuVM.create(f"{TAG}p1-{i}", mem_mib=mem, network=False, timeout=300))
+            log(f"P1: booted {i + 1}/{n} ({time.monotonic() - t0:.0f} s)")
+        time.sleep(settle)
+        swapcache0 = meminfo("SwapCached")
+        resident = [pss_kib(vm.pid) for vm in vms]
+        manager = Manager(hv, mechanism_factory_for(hv))
+        # Idle working sets of all guests at once: two 5 s windows (clear all, wait, read all).
+        mechs = {vm.name: manager.mechanism(vm.name) for vm in vms}
+        for _ in range(3):
+            for m in mechs.values():
+                m.accessed_pages_and_clear()
+            time.sleep(5)
+            for name, m in mechs.items():
+                manager.record_event(name, "idle", m.accessed_pages_and_clear())
+        t1 = time.monotonic()
+        for vm in vms:
+            manager.page_out(vm.name, keep_ws=True)
+        pageout_s = time.monotonic() - t1
+        log(f"P1: paged out {n} guests to their working sets in {pageout_s:.1f} s; idling {settle:.0f} s")
+        time.sleep(settle)
+        managed = [pss_kib(vm.pid) for vm in vms]
+        swapcache_share = max(0, meminfo("SwapCached") - swapcache0) / n
+        wss = [len(manager.state(vm.name).model.resident_set(time.time())) * 4 for vm in vms]
+        return {
+            "n": n, "mem_mib": mem, "settle_s": settle,
+            "resident_kib_per_vm": statistics.mean(resident),
+            "managed_kib_per_vm": statistics.mean(managed) + swapcache_share,
+            "managed_pss_kib_per_vm": statistics.mean(managed),
+            "swapcache_share_kib_per_vm": swapcache_share,
+            "idle_wss_kib_mean": statistics.mean(wss),
+            "pageout_s_total": pageout_s,
+        }
+    finally:
+        for vm in vms:
+            try:
+                vm.destroy()
+            except Exception as exc:  # keep tearing the rest down
+                log(f"destroy {vm.name}: {exc}")
+
+
+# ---------------------------------------------------------------- P2
+
+PING_TIME = re.compile(r"time=([\d.]+) ms")
+
+
+def ping_ms(ip: str, timeout: int = 10) -> float:
+    proc = subprocess.run(["ping", "-c", "1", "-W", str(timeout), ip], capture_output=True, text=True)
+    m = PING_TIME.search(proc.stdout)
+    if proc.returncode != 0 or not m:
+        raise RuntimeError(f"no ping reply from {ip}")
+    return float(m.group(1))
+
+
+def http_ms(ip: str) -> float:
+    t0 = time.monotonic()
+    http_get(ip, timeout=30)
+    return (time.monotonic() - t0) * 1000
+
+
+def wait_phase(manager: Manager, name: str, phase: str, timeout: float = 10) -> None:
+    deadline = time.monotonic() + timeout
+    while manager.state(name).phase != phase and time.monotonic() < deadline:
+        time.sleep(0.02)
+
+
+def bench_p2(mem: int, reps: int) -> dict:
+    hv = open_hypervisor()
+    subnet = f"10.{90 + os.getpid() % 30}.{os.getpid() % 250}"
+    vm = QemuVM.create(f"{TAG}p2", mem_mib=mem, ip=f"{subnet}.2/24", timeout=300)
+    manager = engine_for(hv)
+    results: dict[str, dict[str, list[float]]] = {}
+
+    def record(scenario: str, metric: str, value: float) -> None:
+        results.setdefault(scenario, {}).setdefault(metric, []).append(value)
+
+    try:
+        name = vm.name
+        mech = manager.mechanism(name)
+        http_get(vm.ip)
+        # Working sets of the events we wake for (three observations each) and of the idle background.
+        from xenswap.hv.qemu.memory_events import measure_event
+
+        for event in ("idle", "ping", "http"):
+            for _ in range(3):
+                manager.record_event(name, event, measure_event(vm, mech, event, window=3)[0])
+        manager.page_in(name, all_pages=True)
+        for rep in range(reps):
+            log(f"P2: round {rep + 1}/{reps}")
+            for metric, probe in (("ping_ms", ping_ms), ("http_ms", http_ms)):
+                # resident: touch everything first so nothing is paged out
+                manager.page_in(name, all_pages=True)
+                vm.console.run("true")
+                time.sleep(0.5)
+                record("resident", metric, probe(vm.ip))
+
+                manager.page_out(name, keep_ws=True)
+                time.sleep(0.5)
+                record("working set (running)", metric, probe(vm.ip))
+
+                for label, prefetch in (("paged out + paused, prefetch", True),
+                                        ("paged out + paused, demand paging", False)):
+                    manager.waker.prefetch = prefetch
+                    manager.page_out(name, keep_ws=False)
+                    time.sleep(0.5)
+                    record(label, metric, probe(vm.ip))
+                    wait_phase(manager, name, "resident")
+                manager.waker.prefetch = True
+
+            record("QMP save + restore", "ping_ms", restore_ms(vm, "ping"))
+            record("QMP save + restore", "http_ms", restore_ms(vm, "http"))
+        return {"reps": reps, "mem_mib": mem, "scenarios": results}
+    finally:
+        manager.waker.close()
+        vm.destroy()
+
+
+def restore_ms(vm: QemuVM, probe: str) -> float:
+    """Save the running guest with QMP migrate to a file, stop QEMU, then time a fresh QEMU started with
+    ``-incoming`` from that file until the guest answers (the anchor a wake-up must beat)."""
+    with tempfile.TemporaryDirectory(prefix="xenswap-bench-") as tmp:
+        state = Path(tmp) / "state"
+        vm.qmp("migrate-set-parameters", {"max-bandwidth": 10 << 30})
+        vm.qmp("migrate", {"uri": f"exec:cat > {state}"})
+        while vm.qmp("query-migrate").get("status") not in ("completed", "failed"):
+            time.sleep(0.01)
+        old_pid = vm.pid
+        os.kill(old_pid, signal.SIGKILL)
+        while Path(f"/proc/{old_pid}").exists():
+            time.sleep(0.01)
+        argv = [*qemu_argv(vm.config, vm.state_dir), "-incoming", f"exec:cat {state}"]
+        argv[0] = subprocess.run(["which", argv[0]], capture_output=True, text=True).stdout.strip()
+        t0 = time.monotonic()
+        subprocess.run(argv, check=True, stdin=subprocess.DEVNULL, capture_output=True)
+        vm.config.pid = int((vm.state_dir / "qemu.pid").read_text().strip())
+        vm._save()
+        for f in ("ram.json",):
+            (vm.state_dir / f).unlink(missing_ok=True)
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                if probe == "ping":
+                    ping_ms(vm.ip, timeout=1)
+                else:
+                    http_get(vm.ip, timeout=1)
+                break
+            except Exception:
+                if time.monotonic() > deadline:
+                    raise
+        return (time.monotonic() - t0) * 1000
+
+
+# ---------------------------------------------------------------- report
+
+
+def median(values: list[float]) -> float:
+    return statistics.median(values) if values else float("nan")
+
+
+def report(p1: dict | None, p2: dict | None) -> None:
+    if p1:
+        print(f"P1: host memory per idle guest, N={p1['n']} guests of {p1['mem_mib']} MiB "
+              f"(settled {p1['settle_s']:.0f} s)")
+        print(f"  fully resident (anchor)  {p1['resident_kib_per_vm'] / 1024:8.1f} MiB")
+        print(f"  managed (working set)    {p1['managed_kib_per_vm'] / 1024:8.1f} MiB  "
+              f"(PSS {p1['managed_pss_kib_per_vm'] / 1024:.1f}"
+              f" + swap cache {p1['swapcache_share_kib_per_vm'] / 1024:.1f};"
+              f" idle WSS {p1['idle_wss_kib_mean'] / 1024:.1f} MiB)")
+        print(f"  ratio resident/managed   {p1['resident_kib_per_vm'] / p1['managed_kib_per_vm']:8.1f}x")
+    if p2:
+        s = p2["scenarios"]
+        print(f"P2: wake-to-reply, median of {p2['reps']} (ms)")
+        print(f"  {'scenario':40s} {'ping':>9s} {'http':>9s}")
+        for scenario, metrics in s.items():
+            ping, http = median(metrics.get("ping_ms", [])), median(metrics.get("http_ms", []))
+            print(f"  {scenario:40s} {ping:9.2f} {http:9.2f}")
+        pre, dem, res = (s["paged out + paused, prefetch"], s["paged out + paused, demand paging"], s["resident"])
+        rst = s.get("QMP save + restore", {})
+        for metric in ("ping_ms", "http_ms"):
+            print(f"  {metric[:-3]}: demand/prefetch {median(dem[metric]) / median(pre[metric]):.2f}x, "
+                  f"prefetch/resident {median(pre[metric]) / median(res[metric]):.2f}x, "
+                  f"restore/prefetch {median(rst.get(metric, [float('nan')])) / median(pre[metric]):.2f}x")
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--n", type=int, default=20, help="P1 guests (default 20)")
+    parser.add_argument("--mem", type=int, default=128, help="guest MiB (default 128)")
+    parser.add_argument("--settle", type=float, default=30, help="P1 idle seconds before measuring (default 30)")
+    parser.add_argument("--reps", type=int, default=5, help="P2 repetitions (default 5)")
+    parser.add_argument("--only", choices=["p1", "p2"], help="run one benchmark")
+    parser.add_argument("--json", action="store_true", help="print the raw figures as JSON too")
+    args = parser.parse_args()
+    ensure_swap()
+    p1 = bench_p1(args.n, args.mem, args.settle) if args.only in (None, "p1") else None
+    p2 = bench_p2(args.mem, args.reps) if args.only in (None, "p2") else None
+    report(p1, p2)
+    if args.json:
+        print(json.dumps({"p1": p1, "p2": p2}, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
