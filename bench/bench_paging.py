@@ -29,7 +29,7 @@ from pathlib import Path
 
 from xenswap.core.policy import Manager, engine_for, mechanism_factory_for
 from xenswap.hv.qemu import QemuVM, open_hypervisor
-from xenswap.hv.qemu.memory import smaps_rollup
+from xenswap.hv.qemu.memory import range_digest, smaps_rollup
 from xenswap.hv.qemu.memory_events import http_get
 from xenswap.hv.qemu.memory_swap import ensure_swap
 from xenswap.hv.qemu.vm import qemu_argv
@@ -148,8 +148,10 @@ def bench_p2(mem: int, reps: int) -> dict:
         for rep in range(reps):
             log(f"P2: round {rep + 1}/{reps}")
             for metric, probe in (("ping_ms", ping_ms), ("http_ms", http_ms)):
-                # resident: touch everything first so nothing is paged out
+                # resident: bring everything back and map it (a read of guest RAM from outside faults it in)
                 manager.page_in(name, all_pages=True)
+                base, length = vm.ram_region()
+                range_digest(vm.pid, base, length)
                 vm.console.run("true")
                 time.sleep(0.5)
                 record("resident", metric, probe(vm.ip))
@@ -210,6 +212,114 @@ def restore_ms(vm: QemuVM, probe: str) -> float:
         return (time.monotonic() - t0) * 1000
 
 
+# ---------------------------------------------------------------- working-set table and plot (docs/working-sets.md)
+
+POSTER_PAGES = {  # the poster's table: 4 KiB pages of an idle Linux VM under instrumented Xen
+    "Idle VM": 445, "Idle shell": 725, "Ping response": 776, "Idle ssh": 805, "Copy out 20 MB": 856,
+    "Copy in 20 MB": 7723, "find / -name '*'": 6098, "One-minute editor session": 1432,
+}
+
+
+def ssh_argv(key: Path, ip: str) -> list[str]:
+    return ["ssh", "-i", str(key), "-o", "StrictHostKeyChecking=no", "-o", "UserKnownHostsFile=/dev/null",
+            "-o", "LogLevel=ERROR", "-o", "BatchMode=yes", f"root@{ip}"]
+
+
+def bench_ws_table(mem: int, window: float, reps: int) -> dict:
+    """Each row: clear (page the guest out entirely), run the activity, count the guest frames faulted back."""
+    from xenswap.hv.qemu.memory_events import measure_event
+
+    hv = open_hypervisor()
+    subnet = f"10.{120 + os.getpid() % 30}.{os.getpid() % 250}"
+    vm = QemuVM.create(f"{TAG}ws", mem_mib=mem, ip=f"{subnet}.2/24", timeout=300)
+    manager = Manager(hv, mechanism_factory_for(hv))
+    mech = manager.mechanism(vm.name)
+    rows: dict[str, list[int]] = {}
+    with tempfile.TemporaryDirectory(prefix="xenswap-ws-") as tmp:
+        key = Path(tmp) / "key"
+        subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(key)], check=True)
+        blob = Path(tmp) / "blob"
+        blob.write_bytes(os.urandom(20 << 20))
+        pub = (Path(tmp) / "key.pub").read_text().strip()
+        vm.console.run(f"mkdir -p /root/.ssh && echo '{pub}' > /root/.ssh/authorized_keys && "
+                       "dd if=/dev/urandom of=/www/blob bs=1M count=20 2>/dev/null", timeout=120, check=True)
+        ssh = ssh_argv(key, vm.ip)
+        subprocess.run([*ssh, "true"], check=True, timeout=120)  # dropbear makes its host key now
+
+        def during(label: str, action) -> None:
+            for _ in range(reps):
+                mech.accessed_pages_and_clear()
+                action()
+                time.sleep(1)
+                rows.setdefault(label, []).append(len(mech.accessed_pages_and_clear()))
+                log(f"WS: {label}: {rows[label][-1]} pages")
+
+        during("Idle VM", lambda: time.sleep(window))
+        # Our guest always has a shell on its console; "idle shell" = that shell right after a command.
+        during("Idle shell", lambda: (vm.console.run("true"), time.sleep(window)))
+        during("Ping response", lambda: ping_ms(vm.ip))
+        session = subprocess.Popen([*ssh, "sleep 3600"], stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL)
+        time.sleep(3)
+        during("Idle ssh", lambda: time.sleep(window))
+        session.kill()
+        session.wait()
+        during("Copy out 20 MB", lambda: subprocess.run([*ssh, "cat /www/blob"], stdout=subprocess.DEVNULL,
+                                                         check=True, timeout=600))
+
+        def copy_in() -> None:
+            with open(blob, "rb") as f:
+                subprocess.run([*ssh, "cat > /root/in; rm -f /root/in"], stdin=f, check=True, timeout=600)
+
+        during("Copy in 20 MB", copy_in)
+        during("find / -name '*'", lambda: vm.console.run("find / -name '*' >/dev/null 2>&1", timeout=300))
+        during("One-minute editor session", lambda: vm.console.run(
+            "for i in $(seq 60); do echo \"line $i of my notes\" >> /root/notes; sed -i 's/notes/NOTES/' "
+            "/root/notes; sleep 1; done; rm -f /root/notes", timeout=120))
+        for event in ("ping", "tcp", "http", "console", "disk"):
+            for _ in range(reps):
+                rows.setdefault(f"event: {event}", []).append(len(measure_event(vm, mech, event)[0]))
+    vm.destroy()
+    return {"window_s": window, "reps": reps, "mem_mib": mem, "rows": rows}
+
+
+def bench_ws_plot(mem: int, duration: float, interval: float, png: Path) -> dict:
+    """WSS of an idle guest over time: frames touched in each interval, and distinct frames since the start."""
+    hv = open_hypervisor()
+    vm = QemuVM.create(f"{TAG}wp", mem_mib=mem, network=False, timeout=300)
+    manager = Manager(hv, mechanism_factory_for(hv))
+    mech = manager.mechanism(vm.name)
+    times, per_interval, cumulative = [], [], []
+    seen: set[int] = set()
+    try:
+        mech.accessed_pages_and_clear()
+        t0 = time.monotonic()
+        while time.monotonic() - t0 < duration:
+            time.sleep(interval)
+            touched = mech.accessed_pages_and_clear()
+            seen.update(touched)
+            times.append((time.monotonic() - t0) / 60)
+            per_interval.append(len(touched))
+            cumulative.append(len(seen))
+    finally:
+        vm.destroy()
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 4))
+    ax.plot(times, per_interval, label=f"pages touched per {interval:.0f} s")
+    ax.plot(times, cumulative, label="distinct pages touched since start")
+    ax.set_xlabel("minutes idle")
+    ax.set_ylabel("4 KiB pages")
+    ax.set_title(f"Working set of an idle {mem} MiB guest (QEMU TCG), {duration / 60:.0f} min")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(png, dpi=100)
+    return {"duration_s": duration, "interval_s": interval, "per_interval": per_interval, "cumulative": cumulative}
+
+
 # ---------------------------------------------------------------- report
 
 
@@ -248,10 +358,29 @@ def main() -> int:
     parser.add_argument("--mem", type=int, default=128, help="guest MiB (default 128)")
     parser.add_argument("--settle", type=float, default=30, help="P1 idle seconds before measuring (default 30)")
     parser.add_argument("--reps", type=int, default=5, help="P2 repetitions (default 5)")
-    parser.add_argument("--only", choices=["p1", "p2"], help="run one benchmark")
+    parser.add_argument("--only", choices=["p1", "p2", "ws-table", "ws-plot"], help="run one part")
+    parser.add_argument("--window", type=float, default=30, help="ws-table idle window (s), default 30")
+    parser.add_argument("--duration", type=float, default=1200, help="ws-plot idle run (s), default 1200")
+    parser.add_argument("--png", type=Path, default=Path("docs/wss-idle.png"), help="ws-plot output")
     parser.add_argument("--json", action="store_true", help="print the raw figures as JSON too")
     args = parser.parse_args()
     ensure_swap()
+    if args.only == "ws-table":
+        table = bench_ws_table(args.mem, args.window, args.reps)
+        print(f"{'activity':32s} {'ours (pages)':>14s} {'ours (MiB)':>10s} {'poster (pages)':>14s}")
+        for label, values in table["rows"].items():
+            pages = statistics.median(values)
+            print(f"{label:32s} {pages:14.0f} {pages * 4 / 1024:10.1f} {POSTER_PAGES.get(label, ''):>14}")
+        if args.json:
+            print(json.dumps(table, indent=2))
+        return 0
+    if args.only == "ws-plot":
+        plot = bench_ws_plot(args.mem, args.duration, 10.0, args.png)
+        print(f"wrote {args.png}: median {statistics.median(plot['per_interval'])} pages per 10 s, "
+              f"{plot['cumulative'][-1]} distinct pages in {args.duration:.0f} s")
+        if args.json:
+            print(json.dumps(plot))
+        return 0
     p1 = bench_p1(args.n, args.mem, args.settle) if args.only in (None, "p1") else None
     p2 = bench_p2(args.mem, args.reps) if args.only in (None, "p2") else None
     report(p1, p2)

@@ -204,6 +204,9 @@ class Manager:
         self._lock = threading.RLock()
 
     def mechanism(self, name: str) -> MemoryMechanism:
+        cached = self._mechanisms.get(name)
+        if cached is not None and not getattr(cached, "alive", lambda: True)():
+            del self._mechanisms[name]  # the domain's process was restarted (e.g. restored from a save)
         if name not in self._mechanisms:
             self._mechanisms[name] = self.mechanism_factory(name)
         return self._mechanisms[name]

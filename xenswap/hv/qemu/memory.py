@@ -22,6 +22,7 @@ import contextlib
 import ctypes
 import hashlib
 import os
+import select
 import time
 from array import array
 from collections.abc import Iterable, Iterator
@@ -96,6 +97,12 @@ class ProcessMemory:
         self._measuring = False
         # Trim the swap cache after page-outs when swap is asynchronous (a file); zram frees pages at once.
         self.trim = swap_is_asynchronous() if trim is None else trim
+
+    def alive(self) -> bool:
+        """False once the process exited (its pidfd turns readable); a restarted QEMU needs a new mechanism."""
+        if self.pidfd < 0:
+            return False
+        return not select.select([self.pidfd], [], [], 0)[0]
 
     def close(self) -> None:
         for fd in (self.pidfd, self._pagemap):
