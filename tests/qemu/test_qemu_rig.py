@@ -94,6 +94,15 @@ def test_console_round_trip(guest: QemuVM) -> None:
     guest.console.wait_for(r"XENSWAP_GUEST_UP rigvm", timeout=1)
 
 
+def test_console_large_output_and_timeout(guest: QemuVM) -> None:
+    out = guest.console.run("seq 1 5000", timeout=120)
+    assert out.split() == [str(i) for i in range(1, 5001)]
+    with pytest.raises(XenswapError, match="did not finish within 2s"):
+        guest.console.run("sleep 30", timeout=2)
+    # the timed-out command was interrupted and the console is usable again
+    assert guest.console.run("echo back", timeout=30).strip() == "back"
+
+
 def test_console_command_via_cli(guest: QemuVM, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["console", "rigvm", "-c", "cat /proc/sys/kernel/hostname"]) == 0
     assert capsys.readouterr().out.strip() == "rigvm"

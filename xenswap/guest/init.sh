@@ -82,23 +82,21 @@ fi
 dmesg -n 1
 
 # A respawning shell on every active console (ttyS0 under QEMU, hvc0 under Xen). setsid makes the
-# console its controlling terminal, so Ctrl-C reaches commands run there.
+# console its controlling terminal, so Ctrl-C reaches commands run there. The loop is started by
+# start-stop-daemon rather than with "&": a shell ignores SIGINT in its background jobs, for good, and
+# every shell and command below would inherit that (Ctrl-C would never stop anything on the console).
 consoles="$(sed -n 's/^\([a-zA-Z0-9]*\) .*/\1/p' /proc/consoles)"
 [ -n "$consoles" ] || consoles=console
 for tty in $consoles; do
     [ -c "/dev/$tty" ] || continue
-    (
-        while :; do
-            setsid sh -c "exec sh -i <>/dev/$tty >&0 2>&0"
-            sleep 1
-        done
-    ) &
+    start-stop-daemon -S -b -m -p "/run/console-$tty.pid" -x /bin/sh -- -c \
+        "while :; do setsid sh -c 'exec sh -i <>/dev/$tty >&0 2>&0'; sleep 1; done"
     echo "XENSWAP_GUEST_UP $HOSTNAME" >"/dev/$tty"
 done
 echo "XENSWAP_GUEST_UP $HOSTNAME"
 
-# PID 1 must never exit; reap orphans meanwhile.
+# PID 1 must never exit. "wait" on a background sleep also reaps orphaned processes re-parented to us.
 while :; do
+    sleep 60 &
     wait
-    sleep 3600
 done

@@ -61,17 +61,25 @@ class SerialConsole:
     def tail(self, lines: int = 20) -> str:
         return "\n".join(self.log_text().replace("\r", "").splitlines()[-lines:])
 
-    def wait_for(self, pattern: str, timeout: float, since: int = 0) -> re.Match[str]:
-        """Wait until ``pattern`` (a regex) appears in the serial log after byte offset ``since``."""
+    def wait_for(self, pattern: str, timeout: float, since: int = 0, window: int = 8192) -> re.Match[str]:
+        """Wait until ``pattern`` (a regex) appears in the serial log after byte offset ``since``.
+
+        The log is read incrementally; a match may span reads as long as it fits in ``window`` bytes.
+        """
         regex = re.compile(pattern)
         deadline = time.monotonic() + timeout
+        offset, text = since, ""
         while True:
-            match = regex.search(self.log_text(since))
-            if match:
-                return match
+            size = self.log_size()
+            if size > offset:
+                text = (text + self.log_text(offset))[-max(window, size - offset):]
+                offset = size
+                match = regex.search(text)
+                if match:
+                    return match
             if time.monotonic() >= deadline:
                 raise ConsoleError(f"{pattern!r} did not appear on the console within {timeout:.0f}s")
-            time.sleep(0.1)
+            time.sleep(0.05)
 
     def run(self, cmd: str, timeout: float = 30.0, check: bool = False) -> str:
         """Run ``cmd`` in the guest's console shell; returns its output (stdout and stderr, newlines only)."""
@@ -86,18 +94,29 @@ class SerialConsole:
         # The '' splits each marker in the echoed input; eval keeps multi-line commands in one unit, and the
         # subshell keeps the console's shell alive through an "exit" (state such as cd does not persist).
         line = f"echo {begin[:3]}''{begin[3:]}; (eval {_shell_quote(cmd)}); echo {end[:3]}''{end[3:]} $?\n"
-        pattern = re.compile(re.escape(begin) + r"\r?\n(.*?)" + re.escape(end) + r" (\d+)\r?\n", re.S)
+        begin_bytes = begin.encode()
+        end_pattern = re.compile(re.escape(end).encode() + rb" (\d+)\r?\n")
         deadline = time.monotonic() + timeout
         self.lock_path.parent.mkdir(parents=True, exist_ok=True)
         with open(self.lock_path, "a") as lock:
             self._lock(lock, deadline)
             with self._connect(deadline) as sock:
                 sock.sendall(_KILL_LINE + line.encode())
-                received = b""
+                received = bytearray()
+                output_start = -1  # index in ``received`` just after the begin marker's line
+                scanned = 0  # everything before this was searched for the end marker already
                 while True:
-                    match = pattern.search(received.decode(errors="replace"))
-                    if match:
-                        return int(match.group(2)), match.group(1).replace("\r\n", "\n").replace("\r", "")
+                    if output_start < 0:
+                        at = received.find(begin_bytes)
+                        newline = received.find(b"\n", at) if at >= 0 else -1
+                        if newline >= 0:
+                            output_start = scanned = newline + 1
+                    if output_start >= 0:
+                        match = end_pattern.search(received, max(output_start, scanned - len(end) - 16))
+                        if match:
+                            output = bytes(received[output_start : match.start()]).decode(errors="replace")
+                            return int(match.group(1)), output.replace("\r\n", "\n").replace("\r", "")
+                        scanned = len(received)
                     remaining = deadline - time.monotonic()
                     if remaining <= 0:
                         sock.sendall(_CTRL_C)  # stop the command so the console is usable again
