@@ -1,0 +1,84 @@
+"""Rig tier: boot the nested Xen rig once, run the dom0 test suite inside it, and check ``xenswap list`` run in
+dom0 shows a guest created there. Timings go to stdout (``pytest -s`` shows them)."""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+
+import pytest
+
+from xenswap.rig import Rig, RigBootTimeout
+
+pytestmark = pytest.mark.rig
+
+
+def test_boot_timeout_reports_serial_tail(tmp_path):
+    """Runs before the module's rig boots (file order), so only one nested machine uses the CPUs at a time."""
+    started = time.monotonic()
+    with pytest.raises(RigBootTimeout) as info:
+        Rig.boot(timeout=8, state_dir=tmp_path / "rig")
+    message = str(info.value)
+    assert "did not come up within 8 s" in message
+    # the tail of the serial log: the hypervisor (or already dom0's kernel) had started printing
+    assert re.search(r"\(XEN\)|\[\s*\d+\.\d+\]", message.split("last lines:", 1)[1])
+    assert time.monotonic() - started < 60
+    assert not Rig(tmp_path / "rig", 0).alive()
+
+
+@pytest.fixture(scope="module")
+def rig():
+    from xenswap.guest.image import build_guest_image
+
+    image = build_guest_image()
+    rig = Rig.boot(timeout=300)
+    try:
+        print(f"\nrig: dom0 ready after {rig.boot_seconds:.1f} s")
+        rig.set_env(XENSWAP_GUEST_KERNEL=rig.dom0_path(image.kernel),
+                    XENSWAP_GUEST_INITRD=rig.dom0_path(image.initrd))
+        yield rig
+    finally:
+        rig.shutdown()
+    assert not rig.alive()
+
+
+def test_channel_exit_status_and_copy_in(rig):
+    rig.copy_in(b"from the host\n", "/tmp/xenswap-copied")
+    rc, out = rig.run("cat /tmp/xenswap-copied; cat /proc/xen/capabilities; exit 3", timeout=30)
+    assert rc == 3
+    assert out.splitlines() == ["from the host", "control_d"]
+
+
+def test_dom0_suite_passes(rig):
+    started = time.monotonic()
+    rc, out = rig.run("python3 -m pytest -p no:cacheprovider -m dom0 tests/xen -q -rfE --durations=5", timeout=480)
+    print(f"dom0 suite: {time.monotonic() - started:.1f} s\n{out[-2500:]}")
+    assert rc == 0, out[-4000:]
+    summary = re.search(r"(\d+) passed", out)
+    assert summary and int(summary.group(1)) > 0, out[-2000:]
+    assert " failed" not in out and " error" not in out
+
+
+def test_xenswap_list_in_dom0_shows_guest(rig):
+    kernel, initrd = rig.env["XENSWAP_GUEST_KERNEL"], rig.env["XENSWAP_GUEST_INITRD"]
+    config = (f'name = "listed"\\ntype = "pv"\\nkernel = "{kernel}"\\nramdisk = "{initrd}"\\n'
+              f'memory = 128\\nextra = "console=hvc0 xenswap.hostname=listed"\\n')
+    started = time.monotonic()
+    rc, out = rig.run(f"printf '{config}' > /tmp/listed.cfg && xl create /tmp/listed.cfg", timeout=180)
+    assert rc == 0, out
+    print(f"PV xl create: {time.monotonic() - started:.1f} s")
+    try:
+        rc, out = rig.run("xenswap list --json 2>/dev/null", timeout=60)
+        assert rc == 0, out
+        listed = {d["name"]: d for d in json.loads(out)}
+        assert listed["listed"]["domid"] > 0
+        assert listed["listed"]["mem_mib"] in range(120, 129)
+        assert listed["Domain-0"]["domid"] == 0
+        rc, table = rig.run("xenswap list listed", timeout=60)
+        assert rc == 0 and table.splitlines()[0].split()[:6] == ["Name", "ID", "Mem", "VCPUs", "State", "Time(s)"]
+        assert table.splitlines()[1].split()[0] == "listed"
+    finally:
+        rig.run("xl destroy listed", timeout=60)
+    rc, out = rig.run("xenswap list missing-guest", timeout=60)
+    assert rc == 1 and "unknown domain 'missing-guest'" in out
