@@ -131,11 +131,16 @@ class Policy:
             return Decision(st.name, KEEP, f"idle {elapsed:.0f}s, {predictor.name} waits", predicted)
         if self.config.allow_pause and predicted >= self.config.long_idle_s:
             return Decision(st.name, PAGE_OUT_ALL, f"idle {elapsed:.0f}s, predicted {predicted:.0f}s", predicted)
-        if st.phase == RESIDENT or st.phase == PAGING_OUT:
+        if st.phase in (RESIDENT, PAGING_OUT):
             ws = st.model.events.get("idle")
             if ws is None or ws.observations < self.config.measure_idle_ws:
                 return Decision(st.name, KEEP, "idle; measuring the idle working set first", predicted)
             return Decision(st.name, PAGE_OUT_WS, f"idle {elapsed:.0f}s, predicted {predicted:.0f}s", predicted)
+        if st.phase == WORKING_SET and st.resident_pages is not None:
+            wss = len(st.model.resident_set(now, self.config.frequent_rate))
+            if st.resident_pages > max(2 * wss, wss + 256):  # it faulted back more than its working set
+                return Decision(st.name, PAGE_OUT_WS, f"resident {st.resident_pages} pages > working set {wss}",
+                                predicted)
         return Decision(st.name, KEEP, f"already {st.phase}", predicted)
 
 
@@ -200,6 +205,7 @@ class Manager:
         self.clock = clock
         self._mechanisms: dict[str, MemoryMechanism] = {}
         self.waker: WakeSource | None = None
+        self._clearing: set[str] = set()  # domains whose accessed bits this process has cleared
         # The waker calls page_in from its own thread while tick() runs in the daemon's.
         self._lock = threading.RLock()
 
@@ -253,11 +259,16 @@ class Manager:
             if st.phase == WORKING_SET:
                 st.phase = RESIDENT  # it woke up; demand paging brings back what it touches
         mech = self.mechanism(name)
-        if st.detector.idle and st.phase == RESIDENT:
-            # Idle-interval working set: the frames touched since the previous tick.
+        ws = st.model.events.get("idle")
+        observed = ws.observations if ws else 0
+        if st.detector.idle and st.phase == RESIDENT and (
+                observed < self.config.measure_idle_ws or now - st.model.last_seen.get("idle", 0) >= 60):
+            # Idle-interval working set: the frames touched since the previous clear. The first clear made
+            # by this process only starts the interval (a successor manager cannot trust an old one).
             touched = mech.accessed_pages_and_clear()
-            if st.detector.last_usage is not None:
+            if name in self._clearing:
                 st.model.record("idle", touched, now)
+            self._clearing.add(name)
         decision = self.policy.decide(st, predictor, now)
         self.apply(st, decision, mech)
         st.keep_predictor(predictor)
