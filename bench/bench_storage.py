@@ -3,10 +3,15 @@
 Both sides hold the same disk history on the same golden image: a raw golden image, then DEPTH generations
 of scattered 4 KiB writes. qcow2 keeps one overlay file per generation (the chain a cloud builds with
 snapshots); xenswap takes a snapshot per generation (flattened, so the disk reads through active delta ->
-base delta -> golden whatever the depth). The same client (libnbd's Python binding, one connection, one
-request at a time) runs the same workloads against each: 4 KiB random reads, 4 KiB random writes (then a
-flush), 1 MiB sequential reads of the whole disk. Printed: throughput of each side and the ratio
-ours/qcow2, and lookup memory per disk.
+base delta -> golden whatever the depth). The same clients run the same workloads against each:
+
+* libnbd's Python binding, one request at a time: 4 KiB random reads, 4 KiB random writes (then a flush),
+  1 MiB sequential reads -- latency-bound, the client's own cost is in every figure;
+* ``qemu-img bench`` (QEMU's NBD client, in C) with 16 requests in flight: 4 KiB scattered reads and writes,
+  1 MiB sequential reads -- throughput-bound, the server is the bottleneck.
+
+Each workload runs in alternating rounds on both sides (the median is kept), so load from other work on
+the machine hits both alike. Printed: throughput of each side, the ratio ours/qcow2, and lookup memory.
 
 Run: .venv/bin/python bench/bench_storage.py [--size-mib 256] [--depths 1,8,32] [--seconds 1] [--rounds 5]
 """
@@ -135,8 +140,39 @@ def build_ours(store: Store, name: str, gens: list[list[tuple[int, int]]]) -> No
 
 
 def client(uri: str, workload: str, seconds: float, seed: int) -> dict:
+    if workload.startswith("qd16-"):
+        return qemu_bench(uri, workload)
     out = run("/usr/bin/python3", "-c", CLIENT, uri, workload, str(seconds), str(seed))
     return json.loads(out)
+
+
+# qemu-img bench: QEMU's own NBD client in C with 16 requests in flight, so the server is the bottleneck.
+# 4 KiB requests advance by 257 blocks, modulo the disk (QEMU 7.2 wraps with %), which is coprime with the
+# number of blocks: every block is visited once per pass in a scattered order.
+QEMU_BENCH = {
+    "qd16-read": ["-c", "20000", "-d", "16", "-s", "4096", "-S", str(257 * BS)],
+    "qd16-write": ["-w", "-c", "20000", "-d", "16", "-s", "4096", "-S", str(257 * BS)],
+    "qd16-seqread": ["-c", "512", "-d", "16", "-s", "1M", "-S", "1M"],
+}
+
+
+def qemu_bench(uri: str, workload: str) -> dict:
+    args = QEMU_BENCH[workload]
+    count = int(args[args.index("-c") + 1])
+    size = BS if "4096" in args else 1 << 20
+    out = run("qemu-img", "bench", "-f", "raw", *args, uri)
+    seconds = float(out.split("Run completed in")[1].split()[0])
+    return {"ops": count, "seconds": seconds, "ops_per_s": count / seconds, "mib_per_s": count * size / seconds / 2**20}
+
+
+WORKLOADS = [
+    ("randread", "4k IOPS", "libnbd QD1, 4 KiB random reads"),
+    ("randwrite", "4k IOPS", "libnbd QD1, 4 KiB random writes + flush"),
+    ("seqread", "MiB/s", "libnbd QD1, 1 MiB sequential reads"),
+    ("qd16-read", "4k IOPS", "qemu-img bench QD16, 4 KiB scattered reads"),
+    ("qd16-write", "4k IOPS", "qemu-img bench QD16, 4 KiB scattered writes"),
+    ("qd16-seqread", "MiB/s", "qemu-img bench QD16, 1 MiB sequential reads"),
+]
 
 
 def interleaved(sides: dict[str, tuple[str, int]], rounds: int, seconds: float) -> dict[str, dict]:
@@ -146,7 +182,7 @@ def interleaved(sides: dict[str, tuple[str, int]], rounds: int, seconds: float) 
     idle = {side: rss_kib(pid) for side, (_, pid) in sides.items()}
     names = list(sides)
     for r in range(rounds):
-        for workload in ("randread", "randwrite", "seqread"):
+        for workload, _, _ in WORKLOADS:
             for side in names if r % 2 == 0 else names[::-1]:
                 uri = sides[side][0]
                 samples[side].setdefault(workload, []).append(client(uri, workload, seconds, seed=42 + r))
@@ -207,8 +243,9 @@ def main() -> int:
             for f in work.glob("overlay*.qcow2"):
                 f.unlink()
             row = {"depth": depth, "ours": ours, "qcow2": theirs,
+                   "qcow2_l2_cover_bytes": depth * (size // (64 << 10)) * 8,
                    "ours_map_bytes": {"active": own_map, "base_shared": shared_map}}
-            for w in ("randread", "randwrite", "seqread"):
+            for w, _, _ in WORKLOADS:
                 row[f"ratio_{w}"] = ours[w]["ops_per_s"] / theirs[w]["ops_per_s"]
             rows.append(row)
             print_row(row)
@@ -224,13 +261,15 @@ def print_row(row: dict) -> None:
     d = row["depth"]
     o, q = row["ours"], row["qcow2"]
     print(f"depth {d:>2}:")
-    for w, unit in (("randread", "4k IOPS"), ("randwrite", "4k IOPS"), ("seqread", "MiB/s")):
+    for w, unit, _ in WORKLOADS:
         key = "mib_per_s" if unit == "MiB/s" else "ops_per_s"
-        print(f"  {w:<10} ours {o[w][key]:>9.0f}  qcow2 {q[w][key]:>9.0f} {unit:<8} ratio ours/qcow2 "
+        print(f"  {w:<12} ours {o[w][key]:>9.0f}  qcow2 {q[w][key]:>9.0f} {unit:<8} ratio ours/qcow2 "
               f"{row[f'ratio_{w}']:.2f}x")
     mb = row["ours_map_bytes"]
     print(f"  lookup memory: ours map {mb['active'] / 1024:.1f} KiB own + {mb['base_shared'] / 1024:.1f} KiB "
-          f"base (shared by every branch of the snapshot); server RSS growth ours "
+          f"base (shared by every branch of the snapshot); qcow2 L2 tables to cover the disk "
+          f"{row['qcow2_l2_cover_bytes'] / 1024:.0f} KiB ({d} image(s) x size x 8 / 64 KiB clusters)")
+    print(f"  server RSS growth over the run: ours "
           f"{(o['rss_after_kib'] - o['rss_idle_kib']) / 1024:.1f} MiB, qemu-nbd "
           f"{(q['rss_after_kib'] - q['rss_idle_kib']) / 1024:.1f} MiB; RSS after ours "
           f"{o['rss_after_kib'] / 1024:.1f} MiB, qemu-nbd {q['rss_after_kib'] / 1024:.1f} MiB", flush=True)

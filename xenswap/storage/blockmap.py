@@ -76,6 +76,9 @@ class ClusterHashMap:
         if cluster == EMPTY_CLUSTER:
             del self.clusters[key]
 
+    def has_cluster(self, cidx: int) -> bool:
+        return cidx in self.clusters
+
     def cluster_blob(self, cidx: int) -> bytes | None:
         cluster = self.clusters.get(cidx)
         return None if cluster is None else bytes(cluster)
@@ -181,6 +184,9 @@ class GuardedPageTable:
             offset = (vba & LEAF_MASK) * ENTRY_SIZE
             leaf[offset : offset + ENTRY_SIZE] = bytes(ENTRY_SIZE)
 
+    def has_cluster(self, cidx: int) -> bool:
+        return self.cluster_blob(cidx) is not None
+
     def cluster_blob(self, cidx: int) -> bytes | None:
         leaf = self._leaf(cidx >> (LEAF_SHIFT - CLUSTER_SHIFT))
         if leaf is None:
@@ -239,6 +245,7 @@ class DeltaMap:
         self.table: ClusterHashMap | GuardedPageTable = ClusterHashMap()
         # Bound methods cached: the read path calls get() once per block.
         self.get = self.table.get
+        self.has_cluster = self.table.has_cluster
 
     @property
     def kind(self) -> str:
@@ -252,6 +259,7 @@ class DeltaMap:
                 gpt.put_cluster(cidx, bytes(cluster))
             self.table = gpt
             self.get = gpt.get
+            self.has_cluster = gpt.has_cluster
 
     def set(self, vba: int, file_id: int, crc: int, index: int) -> None:
         self.table.set(vba, file_id, crc, index)

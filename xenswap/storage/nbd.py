@@ -178,6 +178,17 @@ class NbdConnection(asyncio.Protocol):
         self.disk: Disk | None = None
         self.export_name: str | None = None
         self.paused = False
+        # Replies are gathered while a batch of requests is handled and sent with one writev at the end:
+        # a client with 16 requests in flight costs one system call instead of 16.
+        self.out: list[bytes | bytearray] = []
+
+    def _send(self, data: bytes | bytearray) -> None:
+        self.out.append(data)
+
+    def _flush_out(self) -> None:
+        if self.out and self.transport is not None and not self.transport.is_closing():
+            self.transport.writelines(self.out)
+        self.out = []
 
     # -- transport -------------------------------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -222,10 +233,13 @@ class NbdConnection(asyncio.Protocol):
         except ProtocolViolation as exc:
             log.info("disconnecting client: %s", exc)
             self._close()
+        finally:
+            self._flush_out()
 
     def _close(self) -> None:
         self.state = "closed"
         self.buf.clear()
+        self._flush_out()  # error replies queued before the disconnect still go out
         if self.transport is not None:
             self.transport.close()
 
@@ -242,7 +256,7 @@ class NbdConnection(asyncio.Protocol):
         return True
 
     def _opt_reply(self, opt: int, rtype: int, payload: bytes = b"") -> None:
-        self.transport.write(OPT_REPLY.pack(OPT_REPLY_MAGIC, opt, rtype, len(payload)) + payload)  # type: ignore[union-attr]
+        self._send(OPT_REPLY.pack(OPT_REPLY_MAGIC, opt, rtype, len(payload)) + payload)
 
     def _option(self) -> bool:
         if len(self.buf) < OPTION.size:
@@ -317,7 +331,7 @@ class NbdConnection(asyncio.Protocol):
         if entered is None:
             raise ProtocolViolation(f"NBD_OPT_EXPORT_NAME for unknown export {name!r}")  # the spec: terminate
         size, flags = entered
-        self.transport.write(struct.pack(">QH", size, flags) + (b"" if self.no_zeroes else bytes(124)))  # type: ignore[union-attr]
+        self._send(struct.pack(">QH", size, flags) + (b"" if self.no_zeroes else bytes(124)))
 
     def _opt_info_go(self, opt: int, data: bytes) -> None:
         if len(data) < 6:
@@ -396,15 +410,15 @@ class NbdConnection(asyncio.Protocol):
 
     # -- transmission ------------------------------------------------------------------------------------
     def _simple(self, handle: int, error: int = 0, payload: bytes | bytearray = b"") -> None:
-        self.transport.write(SIMPLE_REPLY.pack(SIMPLE_REPLY_MAGIC, error, handle))  # type: ignore[union-attr]
+        self._send(SIMPLE_REPLY.pack(SIMPLE_REPLY_MAGIC, error, handle))
         if payload:
-            self.transport.write(payload)  # type: ignore[union-attr]
+            self._send(payload)
 
     def _error(self, handle: int, error: int, message: str) -> None:
         if self.structured:
             msg = message.encode()[:4096]
             payload = struct.pack(">IH", error, len(msg)) + msg
-            self.transport.write(  # type: ignore[union-attr]
+            self._send(
                 CHUNK.pack(STRUCTURED_REPLY_MAGIC, REPLY_FLAG_DONE, REPLY_TYPE_ERROR, handle, len(payload)) + payload
             )
         else:
@@ -516,10 +530,8 @@ class NbdConnection(asyncio.Protocol):
                                    length + 8, offset)
         else:
             head = SIMPLE_REPLY.pack(SIMPLE_REPLY_MAGIC, 0, handle)
-        # One send per reply: copying a small read is cheaper than a second system call.
-        self.transport.write(head + data if length <= 65536 else head)  # type: ignore[union-attr]
-        if length > 65536:
-            self.transport.write(data)  # type: ignore[union-attr]
+        self._send(head)
+        self._send(data)
 
     def _block_status(self, handle: int, flags: int, offset: int, length: int) -> None:
         if not self.structured or not self.meta_ids:
@@ -533,7 +545,7 @@ class NbdConnection(asyncio.Protocol):
             extents = self.disk.extents(offset, length, ctx, limit)  # type: ignore[union-attr]
             payload = struct.pack(">I", ctx_id) + b"".join(struct.pack(">II", ln, fl) for ln, fl in extents)
             done = REPLY_FLAG_DONE if n == len(self.meta_ids) - 1 else 0
-            self.transport.write(  # type: ignore[union-attr]
+            self._send(
                 CHUNK.pack(STRUCTURED_REPLY_MAGIC, done, REPLY_TYPE_BLOCK_STATUS, handle, len(payload)) + payload
             )
 
