@@ -35,7 +35,10 @@ def test_two_lans_route_v4_and_v6_and_reapply_is_a_no_op(topologies) -> None:
     bridge = names.bridge("lan1")
     shown = subprocess.run(["ip", "-d", "link", "show", bridge], capture_output=True, text=True, check=True).stdout
     assert "alias xenswap two-lans lan lan1" in shown and f"group {names.group}" in shown
-    assert Path(f"/proc/sys/net/ipv6/conf/{bridge}/disable_ipv6").read_text().strip() == "1"
+    port = names.port("h1", "eth0")
+    for device in (bridge, port):
+        assert "inet6" not in subprocess.run(["ip", "-6", "addr", "show", device], capture_output=True, text=True,
+                                             check=True).stdout
     # shaping in place on h1 (rate through tbf, loss through a statistic drop, as this kernel has no netem)
     features = kernel.probe()
     qdiscs = in_ns(names.netns("h1"), "tc", "qdisc", "show", "dev", "eth0").stdout

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import ipaddress
+import resource
 import socket
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -32,7 +33,11 @@ from xenswap.net.topology import Features, Shaping, Topology
 RTPROT_STATIC = 4
 IFA_F_NODAD = 0x02
 MAIN_TABLE = 254
-NEW_NAMESPACE_SYSCTLS = {"net.ipv6.conf.all.accept_dad": "0", "net.ipv6.conf.default.accept_dad": "0"}
+# no duplicate address detection in our namespaces (new devices inherit "default"): DAD of the link-local
+# address would hold back the first IPv6 packets for 1-2 s
+NO_DAD = {"net.ipv6.conf.default.accept_dad": "0"}
+IN6_ADDR_GEN_MODE_NONE = 1
+NO_IPV6_ADDRESSES = {"attrs": [("AF_INET6", {"attrs": [("IFLA_INET6_ADDR_GEN_MODE", IN6_ADDR_GEN_MODE_NONE)]})]}
 
 
 def _short_hash(text: str) -> str:
@@ -197,13 +202,16 @@ def shaping_signature(shaping: Shaping, features: Features) -> str:
 class Builder:
     """Holds the netlink handles while a plan runs (one on the host namespace, a few cached per namespace)."""
 
-    HANDLE_CACHE = 32
-
     def __init__(self, naming: Naming, features: Features):
+        # each handle holds ~4 fds (socket, epoll, self-pipe): stay well inside the open-files limit
+        soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+        self.handle_cache = max(16, min(1024, (soft - 64) // 8))
         self.naming = naming
         self.features = features
-        self.root = IPRoute()
+        # echo: the kernel answers a link "add" with the new link, so we learn its index without a lookup
+        self.root = IPRoute(nlm_echo=True)
         self.handles: dict[str, IPRoute] = {}
+        self.root_index: dict[str, int] = {}
 
     def close(self) -> None:
         for handle in self.handles.values():
@@ -212,7 +220,7 @@ class Builder:
         self.root.close()
 
     def _remember(self, ns: str, handle: IPRoute) -> IPRoute:
-        if len(self.handles) >= self.HANDLE_CACHE:
+        if len(self.handles) >= self.handle_cache:
             oldest = next(iter(self.handles))
             self.handles.pop(oldest).close()
         self.handles[ns] = handle
@@ -236,54 +244,62 @@ class Builder:
             raise NetError(f"interface {ifname} not found")
         return found[0]
 
+    def host_index(self, ifname: str) -> int:
+        """Index of a host-side device: remembered from its creation, else looked up once."""
+        index = self.root_index.get(ifname)
+        if index is None:
+            index = self.root_index[ifname] = self.index(self.root, ifname)
+        return index
+
+    def _add_host_link(self, ifname: str, **kwargs: object) -> int:
+        reply = self.root.link("add", ifname=ifname, group=self.naming.group, **kwargs)
+        index = next((m["index"] for m in reply if m.get_attr("IFLA_IFNAME") == ifname), None)
+        if index is None:
+            index = self.index(self.root, ifname)
+        self.root_index[ifname] = index
+        return index
+
     # --- operations (each is undone by its counterpart) -------------------------------------------------
 
-    def add_namespace(self, ns: str) -> None:
-        # no duplicate address detection: a link-local address in DAD delays the first IPv6 packets by ~1-2 s
-        handle = self._remember(ns, kernel.create_namespace(ns, NEW_NAMESPACE_SYSCTLS))
-        handle.link("set", index=self.index(handle, "lo"), state="up")
+    def add_namespace(self, ns: str, ipv6: bool) -> None:
+        handle = self._remember(ns, kernel.create_namespace(ns, NO_DAD if ipv6 else None))
+        handle.link("set", index=1, state="up")  # lo is always index 1 in a new namespace
 
     def remove_namespace(self, ns: str) -> None:
         self.forget(ns)
         kernel.remove_namespace(ns)
 
-    def _host_ipv6_off(self, ifname: str) -> None:
-        # host-side devices must not take part in the host's own IPv6 (no link-local address, no NDP)
-        try:
-            with open(f"/proc/sys/net/ipv6/conf/{ifname}/disable_ipv6", "w") as handle:
-                handle.write("1")
-        except FileNotFoundError:
-            pass
+    def _tag_host_link(self, index: int, alias: str) -> None:
+        # the kernel ignores IFLA_IFALIAS when creating a link, and IPv6 settings before the device exists:
+        # one "set" gives the alias and turns off IPv6 address generation (no link-local address, so the
+        # host's own IPv6 takes no part in the LAN); it comes before the device can have a carrier
+        self.root.link("set", index=index, ifalias=alias, IFLA_AF_SPEC=NO_IPV6_ADDRESSES)
 
     def add_bridge(self, name: str, alias: str) -> None:
-        # the kernel ignores IFLA_IFALIAS on creation: the alias goes with the "up"
         # no multicast snooping: without an MLD querier it can swallow IPv6 neighbour solicitations
-        self.root.link("add", ifname=name, kind="bridge", group=self.naming.group, br_mcast_snooping=0)
-        self._host_ipv6_off(name)
-        self.root.link("set", index=self.index(self.root, name), state="up", ifalias=alias)
+        index = self._add_host_link(name, kind="bridge", br_mcast_snooping=0)
+        self._tag_host_link(index, alias)
+        self.root.link("set", index=index, state="up")  # only now: "up" with IPv6 on would add a link-local
 
     def delete_root_link(self, name: str) -> None:
+        self.root_index.pop(name, None)
         try:
             self.root.link("del", index=self.index(self.root, name))
         except NetError:
             pass
 
     def add_port(self, port: str, bridge: str, ns: str, ifname: str) -> None:
-        self.root.link("add", ifname=port, kind="veth", group=self.naming.group,
-                       peer={"ifname": ifname, "net_ns_fd": kernel.ns_path(ns)})
-        self._host_ipv6_off(port)
-        self.root.link("set", index=self.index(self.root, port), master=self.index(self.root, bridge), state="up",
-                       ifalias=self.naming.alias(f"port {ns}/{ifname}"))
-        handle = self.ns(ns)
-        handle.link("set", index=self.index(handle, ifname), state="up")
+        index = self._add_host_link(port, kind="veth", master=self.host_index(bridge), state="up",
+                                    peer={"ifname": ifname, "net_ns_fd": kernel.ns_path(ns)})
+        self._tag_host_link(index, self.naming.alias(f"port {ns}/{ifname}"))
+        self.ns(ns).link("set", ifname=ifname, state="up")
 
     def add_link(self, end_a: tuple[str, str], end_b: tuple[str, str]) -> None:
         (ns_a, if_a), (ns_b, if_b) = end_a, end_b
         self.root.link("add", ifname=if_a, kind="veth", net_ns_fd=kernel.ns_path(ns_a),
                        peer={"ifname": if_b, "net_ns_fd": kernel.ns_path(ns_b)})
         for ns, ifname in ((ns_a, if_a), (ns_b, if_b)):
-            handle = self.ns(ns)
-            handle.link("set", index=self.index(handle, ifname), state="up")
+            self.ns(ns).link("set", ifname=ifname, state="up")
 
     def delete_ns_link(self, ns: str, ifname: str) -> None:
         handle = self.ns(ns)
@@ -428,9 +444,11 @@ def plan(topology: Topology, naming: Naming, features: Features, recorded_shapin
             remove(f"interface {ns}/{ifname}", lambda b, ns=ns, i=ifname: b.delete_ns_link(ns, i))
             links.pop(ifname)
 
+    ipv6 = {ns for (ns, _ifname), addresses in want.addresses.items() if any(":" in a for a in addresses)}
     for ns in want.namespaces:
         if ns not in have.namespaces:
-            add(f"namespace {ns}", lambda b, ns=ns: b.add_namespace(ns), lambda b, ns=ns: b.remove_namespace(ns))
+            add(f"namespace {ns}", lambda b, ns=ns, v6=ns in ipv6: b.add_namespace(ns, v6),
+                lambda b, ns=ns: b.remove_namespace(ns))
     for bridge, alias in want.bridges.items():
         if bridge not in have.bridges:
             add(f"bridge {bridge} ({alias.split(' ', 2)[2]})", lambda b, br=bridge, a=alias: b.add_bridge(br, a),

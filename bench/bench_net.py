@@ -1,0 +1,154 @@
+"""Benchmark: N isolated networks (namespace + bridge + veth pair + address each), up and down.
+
+Ours (xenswap.net: one topology of N LANs with one host each, built with pyroute2) against the anchor, a
+shell script of `ip` commands doing the same, in one run; prints the times, the ratios and the memory the
+networks take. "Down" ends when the kernel has really removed the devices (not just when a call returned).
+
+    .venv/bin/python bench/bench_net.py            # N=500
+    .venv/bin/python bench/bench_net.py --count 100
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from pyroute2 import IPRoute
+
+from xenswap.net import build, kernel
+from xenswap.net.topology import parse
+
+ANCHOR_NS = "xsbench-ip-"
+ANCHOR_BR = "xsbenchb"
+ANCHOR_VETH = "xsbenchv"
+
+
+def address(i: int) -> str:
+    return f"10.{100 + i // 250}.{i % 250}.1/24"
+
+
+def topology_text(count: int) -> str:
+    lines = ["name: bench", "lans:"] + [f"  n{i}: {{}}" for i in range(count)] + ["nodes:"]
+    lines += [f"  h{i}: {{interfaces: {{eth0: {{lan: n{i}, addresses: [{address(i)}]}}}}}}" for i in range(count)]
+    return "\n".join(lines) + "\n"
+
+
+def anchor_scripts(count: int) -> tuple[str, str]:
+    up, down = ["set -e"], ["set -e"]
+    for i in range(count):
+        ns, br, veth = f"{ANCHOR_NS}{i}", f"{ANCHOR_BR}{i}", f"{ANCHOR_VETH}{i}"
+        up += [
+            f"ip netns add {ns}",
+            f"ip -n {ns} link set lo up",
+            f"ip link add {br} type bridge",
+            f"ip link set {br} up",
+            f"ip link add {veth} type veth peer name eth0 netns {ns}",
+            f"ip link set {veth} master {br} up",
+            f"ip -n {ns} addr add {address(i)} dev eth0",
+            f"ip -n {ns} link set eth0 up",
+        ]
+        down += [f"ip netns del {ns}", f"ip link del {br}"]
+    return "\n".join(up) + "\n", "\n".join(down) + "\n"
+
+
+def used_kib() -> int:
+    """Host memory in use (MemTotal - MemAvailable), kB."""
+    info = dict(line.split(":", 1) for line in Path("/proc/meminfo").read_text().splitlines())
+    return int(info["MemTotal"].split()[0]) - int(info["MemAvailable"].split()[0])
+
+
+def wait_for(predicate, timeout: float = 120.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise TimeoutError("the kernel did not finish in time")
+        time.sleep(0.01)
+
+
+def host_links(prefix: str) -> int:
+    with IPRoute() as ipr:
+        return sum(1 for m in ipr.get_links() if (m.get_attr("IFLA_IFNAME") or "").startswith(prefix))
+
+
+def run_ours(count: int) -> dict[str, float]:
+    topology = parse(topology_text(count), features=kernel.probe())
+    mem0 = used_kib()
+    started = time.perf_counter()
+    try:
+        build.apply(topology)
+        up = time.perf_counter() - started
+        mem = used_kib() - mem0
+        naming = build.naming_for("bench")
+        assert sum(n.startswith(naming.ns_prefix) for n in kernel.list_namespaces()) == count
+    finally:
+        started = time.perf_counter()
+        build.destroy_topology("bench")
+        wait_for(lambda: host_links(f"xs{naming.tid}b") + host_links(f"xs{naming.tid}p") == 0)
+        down = time.perf_counter() - started
+    return {"up": up, "down": down, "mem_kib": mem}
+
+
+def run_anchor(count: int) -> dict[str, float]:
+    up_script, down_script = anchor_scripts(count)
+    with tempfile.TemporaryDirectory() as tmp:
+        (Path(tmp) / "up.sh").write_text(up_script)
+        (Path(tmp) / "down.sh").write_text(down_script)
+        mem0 = used_kib()
+        started = time.perf_counter()
+        try:
+            subprocess.run(["bash", f"{tmp}/up.sh"], check=True)
+            up = time.perf_counter() - started
+            mem = used_kib() - mem0
+        finally:
+            started = time.perf_counter()
+            subprocess.run(["bash", f"{tmp}/down.sh"], check=False, stderr=subprocess.DEVNULL)
+            wait_for(lambda: host_links(ANCHOR_BR) + host_links(ANCHOR_VETH) == 0)
+            down = time.perf_counter() - started
+    return {"up": up, "down": down, "mem_kib": mem}
+
+
+def settle() -> None:
+    """Let the kernel finish freeing namespaces from the previous round before timing the next."""
+    time.sleep(5.0)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--count", type=int, default=500)
+    parser.add_argument("--rounds", type=int, default=1, help="alternate ours/anchor this many times")
+    args = parser.parse_args()
+    if os.geteuid() != 0:
+        print("bench_net: run as root (it creates namespaces and devices)", file=sys.stderr)
+        return 1
+    os.environ.setdefault("XENSWAP_STATE", tempfile.mkdtemp(prefix="xenswap-bench-net-"))
+    print(f"{args.count} isolated networks (namespace + bridge + veth pair + address each), "
+          f"{args.rounds} round(s); nproc={os.cpu_count()}, kernel {os.uname().release}")
+    results: dict[str, list[dict[str, float]]] = {"ours": [], "ip script": []}
+    for _ in range(args.rounds):
+        results["ours"].append(run_ours(args.count))
+        settle()
+        results["ip script"].append(run_anchor(args.count))
+        settle()
+    best = {name: {k: min(r[k] for r in runs) for k in ("up", "down")} for name, runs in results.items()}
+    mem = {name: sum(r["mem_kib"] for r in runs) / len(runs) for name, runs in results.items()}
+    print(f"{'':10} {'up s':>8} {'down s':>8} {'kernel+us MiB':>14} {'KiB/network':>12}")
+    for name in results:
+        print(f"{name:10} {best[name]['up']:8.2f} {best[name]['down']:8.2f} {mem[name] / 1024:14.1f} "
+              f"{mem[name] / args.count:12.1f}")
+    ours, anchor = best["ours"], best["ip script"]
+    print(f"ratio (ip script / ours): up {anchor['up'] / ours['up']:.1f}x, down {anchor['down'] / ours['down']:.1f}x")
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    print(f"our process peak RSS: {peak / 1024:.1f} MiB")
+    per = {k: ours[k] / args.count * 1000 for k in ("up", "down")}
+    print(f"per network, ours: up {per['up']:.2f} ms, down {per['down']:.2f} ms")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
