@@ -118,6 +118,19 @@ def test_built_image_holds_init_busybox_modules(built: GuestImage) -> None:
         assert any(n.endswith("/" + ko) for n in names), ko
 
 
+def test_vmlinux_is_the_uncompressed_kernel_with_a_pvh_entry(built: GuestImage) -> None:
+    assert built.vmlinux is not None
+    elf = built.vmlinux.read_bytes()
+    assert elf[:4] == b"\x7fELF" and len(elf) > built.kernel.stat().st_size
+    # XEN_ELFNOTE_PHYS32_ENTRY (18) in a "Xen" note: what QEMU's -kernel needs to boot it the PVH way
+    proc = subprocess.run(["readelf", "-n", str(built.vmlinux)], capture_output=True, text=True)
+    if proc.returncode == 0:
+        assert "0x00000012" in proc.stdout
+    assert elf.find(b"Linux version " + built.kernel_version.encode()) > 0
+    with pytest.raises(XenswapError, match="no ELF kernel"):
+        guest_image.extract_vmlinux(b"MZ" + b"\0" * 4096)
+
+
 def test_build_is_cached_by_recipe(built: GuestImage) -> None:
     again = build_guest_image()
     assert again == built

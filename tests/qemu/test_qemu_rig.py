@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import time
 import urllib.request
@@ -52,6 +53,7 @@ def test_guest_is_listed_with_pid_vcpus_tap(guest: QemuVM, capsys: pytest.Captur
     assert row["extra"]["vcpu_tids"] == guest.vcpu_thread_ids()
     assert row["state"] in ("r-----", "-b----") and row["cpu_time_s"] > 0
     assert open_hypervisor().lookup(str(guest.domid)).name == "rigvm"
+    assert guest.config.kernel.endswith("vmlinux")  # the fast PVH boot is the default
 
 
 def test_vcpu_threads_belong_to_the_qemu_process(guest: QemuVM) -> None:
@@ -163,11 +165,14 @@ def test_bridge_enslaves_the_tap() -> None:
     with IPRoute() as ipr:
         ipr.link("add", ifname=bridge, kind="bridge")
         try:
-            vm = QemuVM.create("brvm", bridge=bridge, ip=f"{SUBNET}.3/24", wait_up=False)
+            # this guest also covers the classic boot through the bzImage decompressor
+            vm = QemuVM.create("brvm", bridge=bridge, ip=f"{SUBNET}.3/24", boot="bzimage", timeout=180)
             try:
                 (link,) = ipr.get_links(ipr.link_lookup(ifname=vm.tap)[0])
                 assert link.get_attr("IFLA_MASTER") == ipr.link_lookup(ifname=bridge)[0]
                 assert not ipr.get_addr(index=link["index"], family=2)  # bridged: no routed host address on the tap
+                assert vm.config.kernel.endswith("vmlinuz")
+                assert vm.console.run("ip -4 addr show eth0", timeout=30).count(f"{SUBNET}.3/24") == 1
             finally:
                 vm.destroy()
         finally:
@@ -184,10 +189,12 @@ def test_duplicate_name_is_refused(guest: QemuVM) -> None:
 
 
 def test_boot_timeout_names_the_serial_log_tail_and_cleans_up() -> None:
+    # An address but no network card: the guest's init waits (here 60 s) for an eth0 that never comes.
     with pytest.raises(GuestBootTimeout) as info:
-        QemuVM.create("slowvm", ip=f"{SUBNET}.9/24", timeout=3)
+        QemuVM.create("slowvm", ip=f"{SUBNET}.9/24", network=False, extra_append="xenswap.netwait=60", timeout=8)
     message = str(info.value)
-    assert "did not print XENSWAP_GUEST_UP within 3s" in message and "serial log tail" in message
+    assert "did not print XENSWAP_GUEST_UP within 8s" in message and "serial log tail" in message
+    assert re.search(r"\[\s*\d+\.\d+\] ", message), "the tail holds the guest kernel's log lines"
     with pytest.raises(UnknownDomain):
         QemuVM.open("slowvm")
     assert not any(t.endswith("-slowvm") for t in _host_taps())

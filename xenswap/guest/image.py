@@ -12,10 +12,12 @@ from __future__ import annotations
 
 import hashlib
 import json
+import lzma
 import os
 import shutil
 import subprocess
 import tempfile
+import zlib
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -52,13 +54,16 @@ LOADER = "lib64/ld-linux-x86-64.so.2"
 
 @dataclass(frozen=True)
 class GuestImage:
-    kernel: Path
+    kernel: Path  # the Debian bzImage (vmlinuz): what Xen's PV/PVH loaders and a classic boot take
     initrd: Path
     recipe_hash: str
     kernel_version: str
+    # The same kernel uncompressed (ELF with a PVH entry note): QEMU boots it directly, skipping the
+    # decompressor, which is ~2x faster to the UP marker under TCG and leaves less guest RAM touched.
+    vmlinux: Path | None = None
 
     def to_json(self) -> dict:
-        return {k: str(v) for k, v in asdict(self).items()}
+        return {k: None if v is None else str(v) for k, v in asdict(self).items()}
 
 
 @dataclass(frozen=True)
@@ -201,7 +206,9 @@ def load_image(directory: Path) -> GuestImage:
         meta = json.loads((directory / "manifest.json").read_text())
     except (OSError, ValueError) as exc:
         raise XenswapError(f"no guest image in {directory}: run 'xenswap guest build'") from exc
-    image = GuestImage(directory / "vmlinuz", directory / "initrd.gz", meta["recipe_hash"], meta["kernel_version"])
+    vmlinux = directory / "vmlinux"
+    image = GuestImage(directory / "vmlinuz", directory / "initrd.gz", meta["recipe_hash"], meta["kernel_version"],
+                       vmlinux if vmlinux.is_file() else None)
     check_image(image)
     return image
 
@@ -219,6 +226,7 @@ def _build_into(work: Path, recipe: Recipe, trees: dict[str, Path], kernel_pkg: 
     if not vmlinuz.is_file():
         raise XenswapError(f"{kernel_pkg} has no boot/vmlinuz-{modules.version}")
     shutil.copyfile(vmlinuz, work / "vmlinuz")
+    (work / "vmlinux").write_bytes(extract_vmlinux(vmlinuz.read_bytes()))
 
     archive = Archive()
     for directory in ("bin", "sbin", "usr/bin", "usr/sbin", "proc", "sys", "dev", "run", "tmp", "root", "etc", "var"):
@@ -256,6 +264,28 @@ def _build_into(work: Path, recipe: Recipe, trees: dict[str, Path], kernel_pkg: 
 
     archive.write_gzip(work / "initrd.gz")
     return modules.version
+
+
+# Compressed payloads a bzImage may carry, by magic; Debian's amd64 kernels use XZ.
+_PAYLOADS = {b"\xfd7zXZ\x00": "xz", b"\x1f\x8b\x08": "gzip"}
+
+
+def extract_vmlinux(bzimage: bytes) -> bytes:
+    """The uncompressed ELF kernel inside a bzImage (what the kernel's scripts/extract-vmlinux does)."""
+    for magic, kind in _PAYLOADS.items():
+        at = bzimage.find(magic)
+        while at >= 0:
+            try:
+                if kind == "xz":
+                    payload = lzma.LZMADecompressor(format=lzma.FORMAT_XZ).decompress(bzimage[at:])
+                else:
+                    payload = zlib.decompressobj(wbits=31).decompress(bzimage[at:])
+            except (lzma.LZMAError, zlib.error):
+                payload = b""
+            if payload[:4] == b"\x7fELF":
+                return payload
+            at = bzimage.find(magic, at + 1)
+    raise XenswapError("no ELF kernel found inside the bzImage (unsupported compression?)")
 
 
 def _find_lib(trees: dict[str, Path], soname: str) -> Path:

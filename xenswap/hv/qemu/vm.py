@@ -169,6 +169,12 @@ def disk_format(spec: str) -> str:
         raise XenswapError(f"disk {spec!r} cannot be read: {exc.strerror}") from exc
 
 
+def _boot_kernel(image: GuestImage, boot: str) -> Path:
+    if boot == "pvh" and image.vmlinux is not None:
+        return image.vmlinux
+    return image.kernel
+
+
 def _pid_is_qemu_of(pid: int, vm_dir: Path) -> bool:
     """True if ``pid`` is alive and is the QEMU of this VM (guards against pid reuse)."""
     try:
@@ -221,14 +227,18 @@ class QemuVM:
         mem_backend: str = "ram",
         vcpus: int = 1,
         extra_append: str = "",
+        boot: str = "pvh",
     ) -> QemuVM:
         """Start a guest and (by default) wait for its ``XENSWAP_GUEST_UP`` line.
 
         ``ip`` is the guest's address with prefix (10.0.0.2/24). Without ``bridge`` the host end of the tap
         is routed: it gets ``gateway`` (default: the subnet's first other address) with the guest as its
         /32 peer. ``disk`` is a QEMU drive spec (file or URI, e.g. nbd+unix:///x?socket=/path) attached as
-        virtio-blk (/dev/vda). ``network=False`` starts the guest without a NIC.
+        virtio-blk (/dev/vda). ``network=False`` starts the guest without a NIC. ``boot="pvh"`` starts the
+        uncompressed kernel at its PVH entry (fast); ``boot="bzimage"`` goes through the kernel's decompressor.
         """
+        if boot not in ("pvh", "bzimage"):
+            raise XenswapError(f"unknown boot mode {boot!r} (pvh or bzimage)")
         if not NAME_RE.match(name):
             raise XenswapError(f"invalid VM name {name!r}: 1-32 of A-Z a-z 0-9 _ . - (not starting with . or -)")
         if name.isdigit():
@@ -263,7 +273,7 @@ class QemuVM:
                 shutil.rmtree(vm_dir)
                 raise XenswapError(f"state directory {vm_dir} is too long for unix sockets (set XENSWAP_STATE)")
             config = VMConfig(
-                name=name, domid=0, mem_mib=mem_mib, vcpus=vcpus, kernel=str(image.kernel),
+                name=name, domid=0, mem_mib=mem_mib, vcpus=vcpus, kernel=str(_boot_kernel(image, boot)),
                 initrd=str(image.initrd), ip=ip, gateway=gateway, bridge=bridge, disk=disk,
                 mem_backend=mem_backend, recipe_hash=image.recipe_hash, extra_append=extra_append,
             )
