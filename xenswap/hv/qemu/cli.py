@@ -52,7 +52,7 @@ def cmd_console(args: argparse.Namespace) -> int:
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("create", help="boot a tiny guest under QEMU (TCG)")
     p.add_argument("name")
-    p.add_argument("--mem", type=int, default=128, metavar="MiB", help="guest memory (default 128, minimum 88)")
+    p.add_argument("--mem", type=int, default=128, metavar="MiB", help="guest memory (default 128, minimum 96)")
     p.add_argument("--ip", metavar="CIDR", help="guest address, e.g. 10.0.0.2/24")
     p.add_argument("--gw", metavar="IP", help="guest's default gateway (routed tap: also the host's end)")
     p.add_argument("--bridge", metavar="BR", help="enslave the guest's tap to this host bridge")

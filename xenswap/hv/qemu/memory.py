@@ -95,6 +95,7 @@ class ProcessMemory:
         self.pidfd = pidfd_open(pid)
         self._pagemap = os.open(f"/proc/{pid}/pagemap", os.O_RDONLY)
         self._measuring = False
+        self.overhead_ws: list[tuple[int, int]] = []  # host (addr, length) runs of QEMU's own working set
         # Trim the swap cache after page-outs when swap is asynchronous (a file); zram frees pages at once.
         self.trim = swap_is_asynchronous() if trim is None else trim
 
@@ -182,17 +183,45 @@ class ProcessMemory:
         return pages
 
     def release_overhead(self) -> int:
-        """Page out the hypervisor process's own anonymous memory outside guest RAM (QEMU's heap, TCG code
-        buffer): ~40 MiB per TCG guest that an idle guest rarely needs. Returns bytes advised."""
+        """Page out the hypervisor process's own memory outside guest RAM (QEMU's heap, TCG code buffer, its
+        private copies of .data/.bss): ~40 MiB per TCG guest that an idle guest rarely needs. The pages that
+        were resident are remembered as QEMU's working set, for ``prefetch_overhead`` on wake-up (without
+        it, a woken guest waits on demand faults of QEMU itself). Returns bytes advised."""
         ranges = [(s, n) for s, n in anonymous_ranges(self.pid) if s + n <= self.base or s >= self.base + self.length]
+        present = self._resident_runs(ranges)
+        if present:
+            self.overhead_ws = present
         with _rotating_cpus() as cpus:
             for cpu in cpus[:2] or [None]:
                 if cpu is not None:
                     os.sched_setaffinity(0, {cpu})
-                done = process_madvise(self.pidfd, ranges, MADV_PAGEOUT)
+                done = process_madvise(self.pidfd, present, MADV_PAGEOUT)
         if self.trim:
-            self._trim_ranges(ranges)
+            self._trim_ranges(present)
         return done
+
+    def prefetch_overhead(self) -> int:
+        """Start reading back what ``release_overhead`` paged out of QEMU itself; returns bytes advised."""
+        if not self.overhead_ws:
+            return 0
+        try:
+            return process_madvise(self.pidfd, self.overhead_ws, MADV_WILLNEED)
+        except MemoryMechanismError:  # a mapping went away since (QEMU freed it): advise what still exists
+            valid = {(s, n) for s, n in anonymous_ranges(self.pid)}
+            keep = [(a, n) for a, n in self.overhead_ws if any(s <= a and a + n <= s + m for s, m in valid)]
+            return process_madvise(self.pidfd, keep, MADV_WILLNEED)
+
+    def _resident_runs(self, ranges: list[tuple[int, int]]) -> list[tuple[int, int]]:
+        """(addr, length) runs of the pages in ``ranges`` resident for this process alone."""
+        runs: list[tuple[int, int]] = []
+        for addr, length in ranges:
+            n = length // PAGE_SIZE
+            data = os.pread(self._pagemap, n * 8, (addr // PAGE_SIZE) * 8)
+            entries = array("Q")
+            entries.frombytes(data[: len(data) // 8 * 8])
+            idx = [i for i, e in enumerate(entries) if e & RESIDENT_MASK == RESIDENT_MASK]
+            runs += [(addr + first * PAGE_SIZE, count * PAGE_SIZE) for first, count in to_ranges(idx)]
+        return runs
 
     def trim_swap_cache(self, gfns: Iterable[int] | None = None, timeout: float = 5.0) -> None:
         """Free the RAM that just-paged-out frames still hold as swap cache.

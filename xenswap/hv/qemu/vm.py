@@ -40,7 +40,7 @@ from xenswap.hv.qemu.qmp import QMPFailure, qmp_execute
 QEMU_BINARY = "qemu-system-x86_64"
 UP_MARKER = "XENSWAP_GUEST_UP"
 RAM_BACKEND_ID = "xenswap-ram"
-MIN_MEM_MIB = 88  # Debian's 6.1 kernel does not decompress under QEMU with less
+MIN_MEM_MIB = 96  # measured: at 88 MiB the kernel panics unpacking this initramfs (OOM in populate_rootfs)
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,31}$")
 UNIX_PATH_MAX = 107
 
@@ -340,7 +340,13 @@ class QemuVM:
         (and destroys the VM, which is of no use half-booted)."""
         deadline = time.monotonic() + timeout
         marker = f"{UP_MARKER} {self.name}"
-        while marker not in self.console.log_text():
+        while marker not in (log := self.console.log_text()):
+            if "Kernel panic - not syncing" in log:
+                time.sleep(0.5)  # let the panic's last lines reach the log
+                tail = self.console.tail()
+                self.destroy()
+                raise XenswapError(f"guest {self.name!r} panicked while booting ({self.mem_mib} MiB): "
+                                   + " | ".join(x.strip() for x in tail.splitlines() if x.strip())[-600:])
             if not self.alive():
                 tail = self.console.tail()
                 qemu_log = (self._dir / "qemu.log").read_text(errors="replace").strip()[-300:]
