@@ -79,6 +79,10 @@ class ClusterHashMap:
     def has_cluster(self, cidx: int) -> bool:
         return cidx in self.clusters
 
+    def cluster_view(self, cidx: int) -> bytearray | None:
+        """The cluster's slots without copying (read them, do not keep them)."""
+        return self.clusters.get(cidx)
+
     def cluster_blob(self, cidx: int) -> bytes | None:
         cluster = self.clusters.get(cidx)
         return None if cluster is None else bytes(cluster)
@@ -187,6 +191,13 @@ class GuardedPageTable:
     def has_cluster(self, cidx: int) -> bool:
         return self.cluster_blob(cidx) is not None
 
+    def cluster_view(self, cidx: int) -> memoryview | None:
+        leaf = self._leaf(cidx >> (LEAF_SHIFT - CLUSTER_SHIFT))
+        if leaf is None:
+            return None
+        start = (cidx % CLUSTERS_PER_LEAF) * CLUSTER_BYTES
+        return memoryview(leaf)[start : start + CLUSTER_BYTES]
+
     def cluster_blob(self, cidx: int) -> bytes | None:
         leaf = self._leaf(cidx >> (LEAF_SHIFT - CLUSTER_SHIFT))
         if leaf is None:
@@ -246,6 +257,7 @@ class DeltaMap:
         # Bound methods cached: the read path calls get() once per block.
         self.get = self.table.get
         self.has_cluster = self.table.has_cluster
+        self.cluster_view = self.table.cluster_view
 
     @property
     def kind(self) -> str:
@@ -260,6 +272,7 @@ class DeltaMap:
             self.table = gpt
             self.get = gpt.get
             self.has_cluster = gpt.has_cluster
+            self.cluster_view = gpt.cluster_view
 
     def set(self, vba: int, file_id: int, crc: int, index: int) -> None:
         self.table.set(vba, file_id, crc, index)
