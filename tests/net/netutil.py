@@ -6,6 +6,8 @@ import re
 import subprocess
 import time
 
+from pyroute2 import IPRoute
+
 from xenswap.net import kernel
 
 # our kernel objects: namespaces xs<tid>-<node>, host devices xs<tid>b<hash> / xs<tid>p<hash>
@@ -14,13 +16,14 @@ _OUR_LINK = re.compile(r"^xs\d+[bp][0-9a-f]{7}$")
 
 
 def netns_names() -> set[str]:
-    out = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True, check=True).stdout
-    return {line.split()[0] for line in out.splitlines() if line.strip()}
+    """What `ip netns list` lists: the names under /run/netns."""
+    return set(kernel.list_namespaces())
 
 
 def link_names() -> set[str]:
-    out = subprocess.run(["ip", "-o", "link"], capture_output=True, text=True, check=True).stdout
-    return {line.split(":")[1].strip().split("@")[0] for line in out.splitlines()}
+    """What `ip -o link` lists in the host namespace."""
+    with IPRoute() as ipr:
+        return {m.get_attr("IFLA_IFNAME") for m in ipr.get_links()}
 
 
 def ours() -> tuple[set[str], set[str]]:
@@ -54,7 +57,7 @@ def ping_loss(ns: str, address: str, count: int, interval: float = 0.005) -> flo
 
 
 def ping_rtt_ms(ns: str, address: str, count: int = 5) -> float:
-    out = in_ns(ns, "ping", "-q", "-n", "-c", str(count), "-i", "0.2", "-W", "2", address).stdout
+    out = in_ns(ns, "ping", "-q", "-c", str(count), "-i", "0.2", "-W", "2", address).stdout  # busybox has no -n
     match = re.search(r"= [\d.]+/([\d.]+)/", out)
     assert match, out
     return float(match.group(1))

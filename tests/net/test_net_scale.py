@@ -2,14 +2,25 @@
 
 from __future__ import annotations
 
+import subprocess
 import time
 
-from netutil import in_ns, link_names, netns_names, wait_until_gone
+from netutil import in_ns, wait_until_gone
 
 from xenswap.net import build, kernel
 from xenswap.net.topology import parse
 
 COUNT = 200
+
+
+def netns_names() -> set[str]:
+    out = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True, check=True).stdout
+    return {line.split()[0] for line in out.splitlines() if line.strip()}
+
+
+def link_names() -> set[str]:
+    out = subprocess.run(["ip", "-o", "link"], capture_output=True, text=True, check=True).stdout
+    return {line.split(":")[1].strip().split("@")[0] for line in out.splitlines()}
 
 
 def isolated_networks(count: int, name: str = "many") -> str:

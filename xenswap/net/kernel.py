@@ -165,7 +165,7 @@ def _try(action) -> bool:
     try:
         action()
         return True
-    except (NetlinkError, NetError, OSError, ValueError):
+    except (NetlinkError, XenswapError, OSError, ValueError):  # incl. MissingTool: no iptables, no feature
         return False
 
 
