@@ -373,6 +373,8 @@ class Manager:
         else:
             pages = st.model.resident_set(self.clock())
         n = mech.prefetch(pages) if prefetch else 0
+        if prefetch and hasattr(mech, "prefetch_overhead"):
+            mech.prefetch_overhead()  # the hypervisor's own pages the domain needs to run (QEMU's TCG cache)
         if event:
             st.model.note(event, self.clock())
         if st.phase in (PAUSING, PAGED_OUT):
