@@ -7,7 +7,7 @@ Every VM has a state directory ``state_dir()/qemu/<name>/`` holding:
 - ``qmp.sock``     QMP monitor for short connections (CLI, listing); ``qmp-long.sock`` a second monitor
                    for one long-lived client (e.g. a paging daemon) so it never blocks the first
 - ``console.sock`` the guest's serial port (ttyS0); ``serial.log`` everything the guest printed
-- ``qemu.log``     QEMU's own stderr after it daemonised
+- ``qemu.log``     QEMU's own stderr after it daemonised (``-D``)
 
 QEMU daemonises (``-daemonize``), so a VM outlives the process that created it, and start-up errors
 arrive on our stderr before ``create`` returns.
@@ -15,6 +15,7 @@ arrive on our stderr before ``create`` returns.
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import ipaddress
 import json
@@ -118,7 +119,7 @@ def qemu_argv(config: VMConfig, vm_dir: Path) -> list[str]:
     if config.mem_backend == "ram":
         backend = f"memory-backend-ram,id={RAM_BACKEND_ID},size={mem}"
     elif config.mem_backend == "memfd":
-        # A named memfd shows up as /memfd:xenswap-ram in /proc/PID/maps; share=off keeps KSM usable.
+        # Shows up as /memfd:memory-backend-memfd in /proc/PID/maps; share=off keeps KSM usable.
         backend = f"memory-backend-memfd,id={RAM_BACKEND_ID},size={mem},share=off"
     else:
         raise XenswapError(f"unknown memory backend {config.mem_backend!r} (ram or memfd)")
@@ -141,6 +142,8 @@ def qemu_argv(config: VMConfig, vm_dir: Path) -> list[str]:
         "-qmp", f"unix:{vm_dir / 'qmp.sock'},server=on,wait=off",
         "-qmp", f"unix:{vm_dir / 'qmp-long.sock'},server=on,wait=off",
         "-pidfile", str(vm_dir / "qemu.pid"),
+        # -D: once daemonised, QEMU's stderr (warnings, "terminating on signal") goes here, not to /dev/null
+        "-D", str(vm_dir / "qemu.log"),
         "-daemonize",
     ]
     if config.tap:
@@ -326,9 +329,9 @@ class QemuVM:
     def _start_qemu(self) -> None:
         argv = qemu_argv(self.config, self._dir)
         argv[0] = qemu_binary()
-        with open(self._dir / "qemu.log", "ab") as log:
-            # After -daemonize QEMU's stderr is this log; before it, errors come back in proc.stderr.
-            proc = subprocess.run(argv, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.PIPE, check=False)
+        # Errors before QEMU daemonises come back on this pipe; afterwards its stderr is qemu.log (-D).
+        proc = subprocess.run(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                              check=False)
         if proc.returncode != 0:
             message = proc.stderr.decode(errors="replace").strip().replace("\n", " | ")
             raise XenswapError(f"QEMU failed to start {self.name!r}: {message[-600:]}")
@@ -349,7 +352,10 @@ class QemuVM:
                                    + " | ".join(x.strip() for x in tail.splitlines() if x.strip())[-600:])
             if not self.alive():
                 tail = self.console.tail()
-                qemu_log = (self._dir / "qemu.log").read_text(errors="replace").strip()[-300:]
+                try:
+                    qemu_log = (self._dir / "qemu.log").read_text(errors="replace").strip()[-300:]
+                except OSError:
+                    qemu_log = ""
                 self._cleanup()
                 raise XenswapError(f"QEMU of {self.name!r} exited during boot: {qemu_log} {tail[-500:]}")
             if time.monotonic() >= deadline:
@@ -382,7 +388,8 @@ class QemuVM:
             while _pid_is_qemu_of(pid, self._dir) and time.monotonic() < deadline:
                 time.sleep(0.05)
             if _pid_is_qemu_of(pid, self._dir):
-                os.kill(pid, signal.SIGKILL)
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
                 while _pid_is_qemu_of(pid, self._dir):
                     time.sleep(0.05)
         self._cleanup()
@@ -474,10 +481,28 @@ class QemuVM:
         return _proc_cpu_seconds(Path(f"/proc/{self.pid}/stat"))
 
     def rss_kib(self) -> int:
+        """Resident set of the QEMU process (counts the page cache of the mapped kernel file, shared by all VMs)."""
         for line in Path(f"/proc/{self.pid}/status").read_text().splitlines():
             if line.startswith("VmRSS:"):
                 return int(line.split()[1])
         return 0
+
+    def memory_kib(self) -> dict[str, int]:
+        """Rss, Pss and Private (clean + dirty) of the QEMU process from smaps_rollup, in KiB: Pss and Private
+        show what one more VM really costs, as the kernel file's page cache is shared between QEMUs."""
+        figures = {"rss": 0, "pss": 0, "private": 0, "swap": 0}
+        for line in Path(f"/proc/{self.pid}/smaps_rollup").read_text().splitlines():
+            key, _, rest = line.partition(":")
+            value = int(rest.split()[0]) if rest.strip().split() and rest.split()[0].isdigit() else 0
+            if key == "Rss":
+                figures["rss"] = value
+            elif key == "Pss":
+                figures["pss"] = value
+            elif key in ("Private_Clean", "Private_Dirty"):
+                figures["private"] += value
+            elif key == "Swap":
+                figures["swap"] = value
+        return figures
 
     def ram_region(self) -> tuple[int, int]:
         """(host virtual address, length) of guest RAM inside the QEMU process.
@@ -516,7 +541,7 @@ class QemuVM:
             path = parts[5] if len(parts) > 5 else ""
             if end - start != length or not parts[1].startswith("rw"):
                 continue
-            if path == "" or path.startswith(f"/memfd:{RAM_BACKEND_ID}"):
+            if path == "" or path.startswith("/memfd:"):  # QEMU names its memfds memory-backend-memfd
                 found.append(start)
         return found
 
