@@ -249,8 +249,10 @@ def _process_gone(pid: int) -> bool:
 def test_destroy_leaves_nothing_behind() -> None:
     vm = QemuVM.create("gonevm", wait_up=False)
     pid, tap, state = vm.pid, vm.tap, vm.state_dir
-    assert taps.tap_exists(tap) and state.is_dir()
-    assert main(["destroy", "gonevm"]) == 0
+    try:
+        assert taps.tap_exists(tap) and state.is_dir()
+    finally:
+        assert main(["destroy", "gonevm"]) == 0
     assert _process_gone(pid)
     assert not taps.tap_exists(tap)
     assert not state.exists()
