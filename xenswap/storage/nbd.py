@@ -532,6 +532,8 @@ class NbdConnection(asyncio.Protocol):
             head = SIMPLE_REPLY.pack(SIMPLE_REPLY_MAGIC, 0, handle)
         self._send(head)
         self._send(data)
+        if length > 65536:
+            self._flush_out()  # big replies go out at once: the kernel sends while we read the next one
 
     def _block_status(self, handle: int, flags: int, offset: int, length: int) -> None:
         if not self.structured or not self.meta_ids:
