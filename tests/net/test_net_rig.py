@@ -81,18 +81,21 @@ def test_a_packet_for_a_guest_is_held_until_released(guests) -> None:
 def test_three_router_delays_in_the_nested_xen_dom0() -> None:
     """netem exists only in Debian's kernel: run the dom0-marked delay test inside the nested Xen rig.
 
-    The rig's dom0 loads bridge and sch_netem; veth is not in its module list, so it is copied in from the
-    same Debian kernel package and loaded first."""
+    The rig's dom0 loads bridge and sch_netem; veth and sch_tbf are not in its module list, so they are copied
+    in from the same Debian kernel package and loaded first."""
     from xenswap import debs
     from xenswap.rig import Rig
 
     tree = debs.fetch_tree([debs.kernel_package()])[debs.kernel_package()]
-    (veth,) = tree.glob("lib/modules/*/kernel/drivers/net/veth.ko")
+    modules = [next(tree.glob(f"lib/modules/*/kernel/{path}")) for path in
+               ("drivers/net/veth.ko", "net/sched/sch_tbf.ko")]
     rig = Rig.boot(timeout=300)
     try:
-        rig.copy_in(veth, "/tmp/veth.ko")
-        rc, out = rig.run("grep -q '^veth ' /proc/modules || insmod /tmp/veth.ko", timeout=60)
-        assert rc == 0, out
+        for module in modules:
+            rig.copy_in(module, f"/tmp/{module.name}")
+            name = module.name.removesuffix(".ko")
+            rc, out = rig.run(f"grep -q '^{name} ' /proc/modules || insmod /tmp/{module.name}", timeout=60)
+            assert rc == 0, out
         rc, out = rig.run("python3 -m pytest -p no:cacheprovider -q -rfE -m dom0 tests/net/test_net_build.py "
                           "-k three_router_rtt", timeout=300)
         print(out[-1500:])

@@ -37,6 +37,7 @@ MAIN_TABLE = 254
 # address would hold back the first IPv6 packets for 1-2 s
 NO_DAD = {"net.ipv6.conf.default.accept_dad": "0"}
 IN6_ADDR_GEN_MODE_NONE = 1
+NETEM_CLASS = 0x00010001  # class 1:1 of the root netem qdisc "1:" (where a child qdisc attaches)
 NO_IPV6_ADDRESSES = {"attrs": [("AF_INET6", {"attrs": [("IFLA_INET6_ADDR_GEN_MODE", IN6_ADDR_GEN_MODE_NONE)]})]}
 
 
@@ -186,7 +187,7 @@ class Change:
 def shaping_method(shaping: Shaping, features: Features) -> str:
     """How a shaping is realised here; part of the recorded signature so a kernel change re-applies it."""
     if features.netem:
-        return "netem"
+        return "netem+tbf" if shaping.rate_bps else "netem"
     parts = []
     if shaping.rate_bps:
         parts.append("tbf")
@@ -365,23 +366,29 @@ class Builder:
         if result.returncode != 0:
             raise NetError(f"{tool} in {ns} failed: {result.stderr.strip()}")
 
+    @staticmethod
+    def _tbf(handle: IPRoute, index: int, rate_bps: int, handle_id: str, parent: int | None = None) -> None:
+        # burst: enough for a few full frames and ~1 ms of traffic at this rate (tbf needs burst >= MTU)
+        burst = max(3200, rate_bps // 8 // 1000)
+        kwargs = {"parent": parent} if parent is not None else {}
+        handle.tc("add", "tbf", index=index, handle=handle_id, rate=f"{rate_bps}bit", burst=burst, latency="50ms",
+                  **kwargs)
+
     def apply_shaping(self, ns: str, shapes: dict[str, Shaping]) -> None:
         handle = self.ns(ns)
         losses = {}
         for ifname, shaping in shapes.items():
             index = self.index(handle, ifname)
             if self.features.netem:
-                kwargs: dict[str, object] = {"delay": int(shaping.delay_us), "jitter": int(shaping.jitter_us),
-                                             "loss": shaping.loss * 100}
+                # netem does delay, jitter and loss; the rate goes to a tbf below it (pyroute2 0.9.7's
+                # encoding of netem's own rate attribute is refused by the kernel with ERANGE)
+                handle.tc("add", "netem", index=index, handle="1:", delay=int(shaping.delay_us),
+                          jitter=int(shaping.jitter_us), loss=shaping.loss * 100)
                 if shaping.rate_bps:
-                    kwargs["rate"] = f"{shaping.rate_bps}bit"
-                handle.tc("add", "netem", index=index, handle="1:", **kwargs)
+                    self._tbf(handle, index, shaping.rate_bps, handle_id="10:", parent=NETEM_CLASS)
                 continue
             if shaping.rate_bps:
-                # burst: enough for a few full frames and ~1 ms of traffic at this rate (tbf needs burst >= MTU)
-                burst = max(3200, shaping.rate_bps // 8 // 1000)
-                handle.tc("add", "tbf", index=index, handle="1:", rate=f"{shaping.rate_bps}bit", burst=burst,
-                          latency="50ms")
+                self._tbf(handle, index, shaping.rate_bps, handle_id="1:")
             if shaping.loss:
                 losses[ifname] = shaping.loss
         if losses or not self.features.netem:

@@ -411,8 +411,8 @@ class _Validator:
                              "(e.g. the nested Xen dom0)")
             if shaping.loss and not features.netem and not features.statistic:
                 self.problem(f"{where}: loss needs netem or the iptables statistic match; this kernel has neither")
-            if shaping.rate_bps and not features.netem and not features.tbf:
-                self.problem(f"{where}: rate needs the tbf or netem qdisc; this kernel has neither")
+            if shaping.rate_bps and not features.tbf:
+                self.problem(f"{where}: rate needs the tbf qdisc (sch_tbf), which this kernel lacks")
         for iface in topology.interfaces():
             if iface.vlan is not None and not features.vlan:
                 self.problem(f"node {iface.node} interface {iface.name}: vlan {iface.vlan} needs 802.1Q support "
