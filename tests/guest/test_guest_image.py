@@ -5,6 +5,8 @@ from __future__ import annotations
 import gzip
 import shutil
 import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -146,6 +148,26 @@ def test_initramfs_is_reproducible(built: GuestImage, tmp_path: Path) -> None:
     assert recipe.hash() == built.recipe_hash
     guest_image._build_into(tmp_path, recipe, trees, names[0])
     assert (tmp_path / "initrd.gz").read_bytes() == built.initrd.read_bytes()
+
+
+def test_prune_keeps_current_and_in_use_images(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setenv("XENSWAP_CACHE", str(tmp_path))
+    images = tmp_path / "images"
+    for name in ("aaaa", "bbbb", "cccc", ".partial"):
+        (images / name).mkdir(parents=True)
+    # a real process whose command line names image cccc (as a QEMU's -kernel would)
+    holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)", str(images / "cccc" / "vmlinux")])
+    try:
+        for _ in range(100):  # until the child has exec'd (its command line names the image)
+            if b"cccc" in Path(f"/proc/{holder.pid}/cmdline").read_bytes():
+                break
+            time.sleep(0.01)
+        assert guest_image.images_in_use() >= {"cccc"}
+        assert guest_image.prune_images({"aaaa"}) == ["bbbb"]
+    finally:
+        holder.kill()
+        holder.wait()
+    assert sorted(p.name for p in images.iterdir()) == [".partial", "aaaa", "cccc"]
 
 
 def test_missing_kernel_image_is_a_clear_error(tmp_path: Path) -> None:

@@ -200,6 +200,36 @@ def _remember_versions(with_dropbear: bool, packages: dict[str, str]) -> None:
     tmp.replace(path)
 
 
+def images_in_use() -> set[str]:
+    """Recipe hashes of images some running process (a QEMU, the nested rig) was started with, host-wide."""
+    marker = str(images_dir()) + "/"
+    used = set()
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            cmdline = (proc / "cmdline").read_bytes().decode(errors="replace")
+        except OSError:
+            continue
+        for part in cmdline.split(marker)[1:]:
+            used.add(part.split("/", 1)[0])
+    return used
+
+
+def prune_images(keep: set[str]) -> list[str]:
+    """Delete cached images except the recipe hashes in ``keep`` and those in use; returns the removed hashes."""
+    root = images_dir()
+    if not root.is_dir():
+        return []
+    keep = keep | images_in_use()
+    removed = []
+    for directory in sorted(root.iterdir()):
+        if directory.is_dir() and not directory.name.startswith(".") and directory.name not in keep:
+            shutil.rmtree(directory, ignore_errors=True)
+            removed.append(directory.name)
+    return removed
+
+
 def load_image(directory: Path) -> GuestImage:
     """A built image from its cache folder; a clear error if any part is missing."""
     try:
