@@ -95,8 +95,9 @@ for tty in $consoles; do
 done
 echo "XENSWAP_GUEST_UP $HOSTNAME"
 
-# PID 1 must never exit. "wait" on a background sleep also reaps orphaned processes re-parented to us.
+# PID 1 must never exit. "wait" on a background sleep also reaps orphaned processes re-parented to us
+# (each SIGCHLD wakes it); the long sleep keeps PID 1 from adding wake-ups of its own to an idle guest.
 while :; do
-    sleep 60 &
+    sleep 3600 &
     wait
 done
