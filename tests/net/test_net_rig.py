@@ -96,7 +96,7 @@ def test_three_router_delays_in_the_nested_xen_dom0() -> None:
             name = module.name.removesuffix(".ko")
             rc, out = rig.run(f"grep -q '^{name} ' /proc/modules || insmod /tmp/{module.name}", timeout=60)
             assert rc == 0, out
-        rc, out = rig.run("python3 -m pytest -p no:cacheprovider -q -rfE -m dom0 tests/net/test_net_build.py "
+        rc, out = rig.run("python3 -m pytest -p no:cacheprovider -q -s -rfE -m dom0 tests/net/test_net_build.py "
                           "-k three_router_rtt", timeout=300)
         print(out[-1500:])
     finally:
