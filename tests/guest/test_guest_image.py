@@ -153,8 +153,9 @@ def test_initramfs_is_reproducible(built: GuestImage, tmp_path: Path) -> None:
 def test_prune_keeps_current_and_in_use_images(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     monkeypatch.setenv("XENSWAP_CACHE", str(tmp_path))
     images = tmp_path / "images"
-    for name in ("aaaa", "bbbb", "cccc", ".partial"):
+    for name in ("aaaa", "bbbb", "cccc", ".partial", ".dddd.old.1.2"):
         (images / name).mkdir(parents=True)
+    (images / ".aaaa.lock").touch()
     # a real process whose command line names image cccc (as a QEMU's -kernel would)
     holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)", str(images / "cccc" / "vmlinux")])
     try:
@@ -163,11 +164,11 @@ def test_prune_keeps_current_and_in_use_images(monkeypatch: pytest.MonkeyPatch, 
                 break
             time.sleep(0.01)
         assert guest_image.images_in_use() >= {"cccc"}
-        assert guest_image.prune_images({"aaaa"}) == ["bbbb"]
+        assert guest_image.prune_images({"aaaa"}) == [".dddd.old.1.2", "bbbb"]
     finally:
         holder.kill()
         holder.wait()
-    assert sorted(p.name for p in images.iterdir()) == [".partial", "aaaa", "cccc"]
+    assert sorted(p.name for p in images.iterdir()) == [".aaaa.lock", ".partial", "aaaa", "cccc"]
 
 
 def test_missing_kernel_image_is_a_clear_error(tmp_path: Path) -> None:

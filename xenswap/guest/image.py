@@ -10,6 +10,7 @@ reproducible: the same recipe gives a byte-identical initramfs.
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import lzma
@@ -17,6 +18,7 @@ import os
 import shutil
 import subprocess
 import tempfile
+import time
 import zlib
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -130,6 +132,17 @@ def build_guest_image(with_dropbear: bool = True, force: bool = False) -> GuestI
         return load_image(target)
     trees = {d.name: debs.extract(d) for d in downloaded}
     target.parent.mkdir(parents=True, exist_ok=True)
+    # One builder per recipe at a time: a second process waits and then finds the finished image. A finished
+    # image is never replaced (force only rebuilds after removing it), since a running QEMU may be using it.
+    with open(target.parent / f".{recipe.hash()}.lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if manifest.exists() and not force:
+            return load_image(target)
+        _build_cached(target, recipe, trees, kernel_pkg, with_dropbear)
+    return load_image(target)
+
+
+def _build_cached(target: Path, recipe: Recipe, trees: dict[str, Path], kernel_pkg: str, with_dropbear: bool) -> None:
     work = Path(tempfile.mkdtemp(prefix=f".{recipe.hash()}.", dir=target.parent))
     try:
         kernel_version = _build_into(work, recipe, trees, kernel_pkg)
@@ -146,12 +159,13 @@ def build_guest_image(with_dropbear: bool = True, force: bool = False) -> GuestI
                 sort_keys=True,
             )
         )
-        shutil.rmtree(target, ignore_errors=True)
         work.chmod(0o755)  # mkdtemp makes it private; images are read by other users (e.g. tests)
+        if target.exists():
+            # an unfinished leftover, or a forced rebuild: move it aside rather than delete files in use
+            target.rename(target.with_name(f".{target.name}.old.{os.getpid()}.{time.monotonic_ns()}"))
         os.rename(work, target)
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    return load_image(target)
 
 
 APT_STATE_PATHS = ("/var/lib/apt/lists", "/etc/apt")
@@ -224,9 +238,18 @@ def prune_images(keep: set[str]) -> list[str]:
     keep = keep | images_in_use()
     removed = []
     for directory in sorted(root.iterdir()):
-        if directory.is_dir() and not directory.name.startswith(".") and directory.name not in keep:
-            shutil.rmtree(directory, ignore_errors=True)
-            removed.append(directory.name)
+        if not directory.is_dir():
+            continue
+        if directory.name.startswith("."):
+            # moved aside by a rebuild (unlinked files stay valid for a QEMU that has them open), or the work
+            # folder of a build that died an hour ago or more
+            moved_aside = ".old." in directory.name
+            if not moved_aside and time.time() - directory.stat().st_mtime < 3600:
+                continue
+        elif directory.name in keep:
+            continue
+        shutil.rmtree(directory, ignore_errors=True)
+        removed.append(directory.name)
     return removed
 
 
