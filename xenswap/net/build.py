@@ -209,8 +209,8 @@ class Builder:
         self.handle_cache = max(16, min(1024, (soft - 64) // 8))
         self.naming = naming
         self.features = features
-        # echo: the kernel answers a link "add" with the new link, so we learn its index without a lookup
-        self.root = IPRoute(nlm_echo=True)
+        # measured: decoding an echoed reply costs more than one lookup, so devices are addressed by name
+        self.root = IPRoute()
         self.handles: dict[str, IPRoute] = {}
         self.root_index: dict[str, int] = {}
 
@@ -252,13 +252,8 @@ class Builder:
             index = self.root_index[ifname] = self.index(self.root, ifname)
         return index
 
-    def _add_host_link(self, ifname: str, **kwargs: object) -> int:
-        reply = self.root.link("add", ifname=ifname, group=self.naming.group, **kwargs)
-        index = next((m["index"] for m in reply if m.get_attr("IFLA_IFNAME") == ifname), None)
-        if index is None:
-            index = self.index(self.root, ifname)
-        self.root_index[ifname] = index
-        return index
+    def _add_host_link(self, ifname: str, **kwargs: object) -> None:
+        self.root.link("add", ifname=ifname, group=self.naming.group, **kwargs)
 
     # --- operations (each is undone by its counterpart) -------------------------------------------------
 
@@ -270,17 +265,17 @@ class Builder:
         self.forget(ns)
         kernel.remove_namespace(ns)
 
-    def _tag_host_link(self, index: int, alias: str) -> None:
+    def _tag_host_link(self, ifname: str, alias: str) -> None:
         # the kernel ignores IFLA_IFALIAS when creating a link, and IPv6 settings before the device exists:
         # one "set" gives the alias and turns off IPv6 address generation (no link-local address, so the
         # host's own IPv6 takes no part in the LAN); it comes before the device can have a carrier
-        self.root.link("set", index=index, ifalias=alias, IFLA_AF_SPEC=NO_IPV6_ADDRESSES)
+        self.root.link("set", ifname=ifname, ifalias=alias, IFLA_AF_SPEC=NO_IPV6_ADDRESSES)
 
     def add_bridge(self, name: str, alias: str) -> None:
         # no multicast snooping: without an MLD querier it can swallow IPv6 neighbour solicitations
-        index = self._add_host_link(name, kind="bridge", br_mcast_snooping=0)
-        self._tag_host_link(index, alias)
-        self.root.link("set", index=index, state="up")  # only now: "up" with IPv6 on would add a link-local
+        self._add_host_link(name, kind="bridge", br_mcast_snooping=0)
+        self._tag_host_link(name, alias)
+        self.root.link("set", ifname=name, state="up")  # only now: "up" with IPv6 on would add a link-local
 
     def delete_root_link(self, name: str) -> None:
         self.root_index.pop(name, None)
@@ -290,9 +285,9 @@ class Builder:
             pass
 
     def add_port(self, port: str, bridge: str, ns: str, ifname: str) -> None:
-        index = self._add_host_link(port, kind="veth", master=self.host_index(bridge), state="up",
-                                    peer={"ifname": ifname, "net_ns_fd": kernel.ns_path(ns)})
-        self._tag_host_link(index, self.naming.alias(f"port {ns}/{ifname}"))
+        self._add_host_link(port, kind="veth", master=self.host_index(bridge), state="up",
+                            peer={"ifname": ifname, "net_ns_fd": kernel.ns_path(ns)})
+        self._tag_host_link(port, self.naming.alias(f"port {ns}/{ifname}"))
         self.ns(ns).link("set", ifname=ifname, state="up")
 
     def add_link(self, end_a: tuple[str, str], end_b: tuple[str, str]) -> None:
