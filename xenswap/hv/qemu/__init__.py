@@ -1,7 +1,15 @@
 """The QEMU port: tiny guests under ``qemu-system-x86_64 -accel tcg``, driven over QMP, one tap each.
 
 ``QemuVM`` (xenswap.hv.qemu.vm) is one guest; ``QemuHypervisor`` is the port interface of
-xenswap.hv.base over all of them, found through their state directories.
+xenswap.hv.base over all of them, found through their state directories. In short::
+
+    vm = QemuVM.create("vm1", ip="10.0.0.2/24")      # boots the cached guest image, waits for its UP line
+    vm.console.run("uname -r", timeout=30)             # shell command over the serial console -> output
+    vm.pid, vm.vcpu_thread_ids(), vm.ram_region()      # host facts for idleness and paging
+    vm.pause(); vm.resume(); vm.status()               # QMP stop / cont / query-status
+    vm.destroy()                                       # QEMU, tap and state directory gone
+    QemuVM.open("vm1")                                 # from any process, by name or domain id
+    open_hypervisor().list_domains()                   # xl-like rows (DomainInfo)
 """
 
 from __future__ import annotations

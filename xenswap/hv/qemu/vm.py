@@ -242,6 +242,8 @@ class QemuVM:
         """
         if boot not in ("pvh", "bzimage"):
             raise XenswapError(f"unknown boot mode {boot!r} (pvh or bzimage)")
+        if mem_backend not in ("ram", "memfd"):
+            raise XenswapError(f"unknown memory backend {mem_backend!r} (ram or memfd)")
         if not NAME_RE.match(name):
             raise XenswapError(f"invalid VM name {name!r}: 1-32 of A-Z a-z 0-9 _ . - (not starting with . or -)")
         if name.isdigit():
