@@ -90,6 +90,15 @@ def test_http_service_names_the_guest(guest: QemuVM) -> None:
     assert "xenswap guest rigvm" in body
 
 
+def test_ssh_login_with_dropbear(guest: QemuVM) -> None:
+    """The guest's dropbear takes root with the empty password (test guests only); dbclient is the client."""
+    env = {**os.environ, "DROPBEAR_PASSWORD": ""}
+    proc = subprocess.run(["dbclient", "-y", "-y", f"root@{guest.ip}", "hostname"], env=env, stdin=subprocess.DEVNULL,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "rigvm"
+
+
 def test_console_round_trip(guest: QemuVM) -> None:
     assert guest.console.run("hostname", timeout=30).strip() == "rigvm"
     out = guest.console.run("echo one; echo two >&2; printf 'a b\\n'", timeout=30)
