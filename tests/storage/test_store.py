@@ -204,3 +204,40 @@ def test_overwrites_reuse_space_once_no_durable_map_needs_the_old_block(store: S
     disk = store.open("vm")
     assert [disk.read(vba * BS, BS) for vba in range(16)] == final
     disk.close()
+
+
+def test_compact_rewrites_in_order_frees_space_and_keeps_content(store: Store, tmp_path: Path) -> None:
+    store.branch("vm", "base")
+    rng = random.Random(9)
+    for gen in range(3):
+        disk = store.open("vm")
+        for _ in range(300):
+            disk.write(rng.randrange(512) * BS, rng.randbytes(BS))
+        disk.write_zeroes(600 * BS, 4 * BS)
+        disk.close()
+        if gen == 0:
+            store.snapshot("vm", "keep")  # a snapshot still needs its own blocks after the compaction
+        else:
+            store.commit("vm")
+    before = tmp_path / "before.raw"
+    store.flatten("vm", str(before))
+    keep_before = tmp_path / "keep-before.raw"
+    store.flatten("keep", str(keep_before))
+    disk = store.open("vm", writable=False)
+    runs_before = sum(1 for seg in disk._segments(0, 512) if seg[0] >= 0)  # data runs (not golden)
+    disk.close()
+    result = store.compact("vm")
+    assert result["data_bytes_after"] < result["data_bytes_before"]
+    after = tmp_path / "after.raw"
+    store.flatten("vm", str(after))
+    assert after.read_bytes() == before.read_bytes()
+    keep_after = tmp_path / "keep-after.raw"
+    store.flatten("keep", str(keep_after))
+    assert keep_after.read_bytes() == keep_before.read_bytes()
+    disk = store.open("vm", writable=False)
+    segments = disk._segments(0, 512)
+    data_runs = [seg for seg in segments if seg[0] >= 0]
+    golden_runs = [seg for seg in segments if seg[0] < 0]
+    # In VBA order, a data run now only ends where an unwritten (golden) block interrupts it.
+    assert len(data_runs) <= len(golden_runs) + 1 < runs_before // 2
+    disk.close()

@@ -56,6 +56,16 @@ def cmd_commit(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_compact(args: argparse.Namespace) -> int:
+    result = _store(args).compact(args.disk)
+    if args.json:
+        print_json(result)
+        return 0
+    print(f"{args.disk}: {result['blocks']} blocks rewritten in order; store data "
+          f"{result['data_bytes_before'] >> 20} -> {result['data_bytes_after'] >> 20} MiB")
+    return 0
+
+
 def cmd_flatten(args: argparse.Namespace) -> int:
     _store(args).flatten(args.name, args.output, args.format)
     print(f"{args.name} written to {args.output} ({args.format})")
@@ -176,6 +186,11 @@ def register(sub: argparse._SubParsersAction) -> None:
 
     p = add("commit", "fold a disk's active delta into its base (migration) delta", cmd_commit)
     p.add_argument("disk")
+
+    p = add("compact", "commit, and rewrite the disk's blocks in order into one data file (frees space)",
+            cmd_compact)
+    p.add_argument("disk")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
 
     p = add("flatten", "write a disk/snapshot/golden image as one standalone image (V2P)", cmd_flatten)
     p.add_argument("name")

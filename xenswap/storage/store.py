@@ -308,9 +308,10 @@ class Store:
             sums = self._goldens[name] = GoldenSums(self.golden_path(name), block_size)
         return sums
 
-    def _save_frozen(self, delta: DeltaMap) -> int:
+    def _save_frozen(self, delta: DeltaMap, layer: int | None = None) -> int:
         """Write a whole map as a new frozen layer (inside the caller's transaction)."""
-        layer = self._new_layer("frozen")
+        if layer is None:
+            layer = self._new_layer("frozen")
         files: set[int] = set()
         rows = []
         for cidx in delta.cluster_indexes():
@@ -388,6 +389,66 @@ class Store:
         finally:
             os.close(lock)
         return self.get(disk)
+
+    def compact(self, disk: str) -> dict[str, int]:
+        """Fold the active delta into the base like ``commit``, and also copy every block the disk maps into
+        one new data file in VBA order: sequential reads become sequential again and blocks nobody else
+        references are freed. Snapshots keep their own layers (and the files those still need)."""
+        info = self.get(disk)
+        if info.kind != "disk":
+            raise StorageError(f"{disk!r} is a {info.kind}: only disks can be compacted")
+        lock = self.lock_disk(disk)
+        try:
+            before = self._data_bytes()
+            merged = self.load_map(info.base_layer)
+            merged.overlay(self.load_map(info.active_layer))
+            # Copy into a ".part" file no clean-up touches; it gets its layer's name inside the transaction that
+            # makes the layer, so a crash leaves either the old disk or the new one (plus, at worst, an orphan
+            # file that the next clean-up deletes).
+            part = self.root / "data" / f"compact-{disk}.part"
+            placed: list[tuple[int, int, int]] = []  # (vba, crc, index in the new file); index -1: zero block
+            reader = Disk(self, info, writable=False)
+            count = 0
+            try:
+                with open(part, "wb") as out:
+                    for vba, (file_id, crc, index) in merged.entries():
+                        if file_id == ZERO_FILE:
+                            placed.append((vba, 0, -1))
+                            continue
+                        out.write(reader.read_entry(file_id, crc, index))  # checksum-verified copy
+                        placed.append((vba, crc, count))
+                        count += 1
+                    out.flush()
+                    os.fsync(out.fileno())
+            finally:
+                reader.close()
+            self.db.execute("BEGIN IMMEDIATE")
+            try:
+                layer = self._new_layer("frozen")
+                compacted = DeltaMap(self.switch_clusters)
+                for vba, crc, index in placed:
+                    if index < 0:
+                        compacted.set(vba, ZERO_FILE, 0, 0)
+                    else:
+                        compacted.set(vba, layer, crc, index)
+                self._save_frozen(compacted, layer)
+                active = self._new_layer("active")
+                self.db.execute("UPDATE objects SET base_layer = ?, active_layer = ? WHERE name = ?",
+                                (layer, active, disk))
+                self._gc()
+                os.replace(part, self.data_path(layer))
+                self.db.execute("COMMIT")
+            except BaseException:
+                self.db.execute("ROLLBACK")
+                part.unlink(missing_ok=True)
+                raise
+            self._unlink_dead_files()
+            return {"blocks": count, "data_bytes_before": before, "data_bytes_after": self._data_bytes()}
+        finally:
+            os.close(lock)
+
+    def _data_bytes(self) -> int:
+        return sum(p.stat().st_size for p in (self.root / "data").glob("*.blk"))
 
     def remove(self, name: str) -> None:
         info = self.get(name)
