@@ -176,8 +176,8 @@ def apt_state_stamp() -> str:
     digest = hashlib.sha256()
     for root in APT_STATE_PATHS:
         for dirpath, dirnames, filenames in os.walk(root):
-            dirnames.sort()
-            for name in sorted(filenames):
+            dirnames[:] = sorted(d for d in dirnames if d != "partial")  # apt's downloads in progress
+            for name in sorted(f for f in filenames if f != "lock"):  # touched by any apt run
                 try:
                     st = os.stat(os.path.join(dirpath, name))
                 except OSError:
