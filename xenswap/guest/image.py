@@ -273,14 +273,20 @@ def check_image(image: GuestImage) -> None:
 
 
 def _build_into(work: Path, recipe: Recipe, trees: dict[str, Path], kernel_pkg: str) -> str:
-    kernel_tree = trees[kernel_pkg]
-    modules = ModuleTree(kernel_tree)
-    vmlinuz = kernel_tree / "boot" / f"vmlinuz-{modules.version}"
+    """Kernel (vmlinuz and vmlinux) and initramfs into ``work``; returns the kernel version."""
+    modules = ModuleTree(trees[kernel_pkg])
+    vmlinuz = trees[kernel_pkg] / "boot" / f"vmlinuz-{modules.version}"
     if not vmlinuz.is_file():
         raise XenswapError(f"{kernel_pkg} has no boot/vmlinuz-{modules.version}")
     shutil.copyfile(vmlinuz, work / "vmlinuz")
     (work / "vmlinux").write_bytes(extract_vmlinux(vmlinuz.read_bytes()))
+    build_initramfs(work / "initrd.gz", recipe, trees, kernel_pkg)
+    return modules.version
 
+
+def build_initramfs(target: Path, recipe: Recipe, trees: dict[str, Path], kernel_pkg: str) -> None:
+    """The guest's initramfs (gzip'd newc cpio) from the unpacked packages."""
+    modules = ModuleTree(trees[kernel_pkg])
     archive = Archive()
     for directory in ("bin", "sbin", "usr/bin", "usr/sbin", "proc", "sys", "dev", "run", "tmp", "root", "etc", "var"):
         archive.directory(directory)
@@ -315,8 +321,7 @@ def _build_into(work: Path, recipe: Recipe, trees: dict[str, Path], kernel_pkg: 
         archive.copy(f"{LIBDIR}/ld-linux-x86-64.so.2", _find_lib(trees, "ld-linux-x86-64.so.2"), 0o755)
         archive.symlink(LOADER, f"/{LIBDIR}/ld-linux-x86-64.so.2")
 
-    archive.write_gzip(work / "initrd.gz")
-    return modules.version
+    archive.write_gzip(target)
 
 
 # Compressed payloads a bzImage may carry, by magic; Debian's amd64 kernels use XZ.
