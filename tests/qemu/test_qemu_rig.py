@@ -52,6 +52,8 @@ def test_guest_is_listed_with_pid_vcpus_tap(guest: QemuVM, capsys: pytest.Captur
     assert row["extra"]["pid"] == guest.pid and row["extra"]["tap"] == guest.tap
     assert row["extra"]["vcpu_tids"] == guest.vcpu_thread_ids()
     assert row["state"] in ("r-----", "-b----") and row["cpu_time_s"] > 0
+    # Res(MiB): the guest RAM mapping's resident size, at most the guest's memory
+    assert 8 < row["resident_mib"] <= 128
     assert open_hypervisor().lookup(str(guest.domid)).name == "rigvm"
     assert guest.config.kernel.endswith("vmlinux")  # the fast PVH boot is the default
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from xenswap.errors import XenswapError
 from xenswap.hv.base import DomainInfo, Hypervisor
 from xenswap.hv.qemu.qmp import QMPFailure, qmp_session
 from xenswap.hv.qemu.vm import QemuVM, list_vms
@@ -47,6 +48,10 @@ class QemuHypervisor(Hypervisor):
                 # Monitor busy or hung: still list the VM, with what /proc tells (run state unknown).
                 status, tids = "unknown", _vcpu_tids_from_proc(vm.pid)
                 extra["qmp"] = "unreachable"
+            try:
+                resident_mib: float | None = round(vm.guest_ram_resident_kib() / 1024, 1)
+            except (XenswapError, OSError):
+                resident_mib = None  # RAM not found (yet): the column stays empty rather than wrong
             domains.append(
                 DomainInfo(
                     name=vm.name,
@@ -55,6 +60,7 @@ class QemuHypervisor(Hypervisor):
                     vcpus=len(tids) or vm.config.vcpus,
                     state=_xl_state(status, any(_thread_running(vm.pid, t) for t in tids)),
                     cpu_time_s=vm.cpu_seconds(),
+                    resident_mib=resident_mib,
                     extra={"pid": vm.pid, "vcpu_tids": tids, "tap": vm.tap, "ip": vm.ip, "rss_kib": vm.rss_kib(),
                            **extra},
                 )

@@ -506,6 +506,19 @@ class QemuVM:
                 figures["swap"] = value
         return figures
 
+    def guest_ram_resident_kib(self) -> int:
+        """Resident KiB of guest RAM (the RAM mapping's Rss in /proc/PID/smaps): what paging brings down."""
+        start, _length = self.ram_region()
+        header = f"{start:x}-"
+        inside = False
+        with open(f"/proc/{self.pid}/smaps") as smaps:
+            for line in smaps:
+                if not inside:
+                    inside = line.startswith(header)
+                elif line.startswith("Rss:"):
+                    return int(line.split()[1])
+        raise XenswapError(f"guest RAM mapping at {start:#x} vanished from /proc/{self.pid}/smaps")
+
     def ram_region(self) -> tuple[int, int]:
         """(host virtual address, length) of guest RAM inside the QEMU process.
 
