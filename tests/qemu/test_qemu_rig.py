@@ -123,6 +123,33 @@ def test_console_large_output_and_timeout(guest: QemuVM) -> None:
     assert guest.console.run("echo back", timeout=30).strip() == "back"
 
 
+def test_console_attach_relays_both_ways_until_ctrl_bracket(guest: QemuVM) -> None:
+    import threading
+
+    in_r, in_w = os.pipe()
+    out_r, out_w = os.pipe()
+    session = threading.Thread(target=guest.console.attach, args=(in_r, out_w), daemon=True)
+    session.start()
+    try:
+        os.write(in_w, b"echo att''ached-$((6*7))\n")
+        seen = b""
+        deadline = time.monotonic() + 30
+        while b"attached-42" not in seen and time.monotonic() < deadline:
+            os.set_blocking(out_r, False)
+            try:
+                seen += os.read(out_r, 4096)
+            except BlockingIOError:
+                time.sleep(0.05)
+        assert b"attached-42" in seen
+    finally:
+        os.write(in_w, b"\x1d")  # Ctrl-]: leave
+        session.join(timeout=10)
+        for fd in (in_r, in_w, out_r, out_w):
+            os.close(fd)
+    assert not session.is_alive()
+    assert guest.console.run("echo after", timeout=30).strip() == "after"  # the console lock was released
+
+
 def test_console_command_via_cli(guest: QemuVM, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["console", "rigvm", "-c", "cat /proc/sys/kernel/hostname"]) == 0
     assert capsys.readouterr().out.strip() == "rigvm"

@@ -41,8 +41,12 @@ def cmd_unpause(args: argparse.Namespace) -> int:
 def cmd_console(args: argparse.Namespace) -> int:
     vm = QemuVM.open(args.dom)
     if args.command is None:
-        print(f"interactive console: socat -,raw,echo=0 unix-connect:{vm.state_dir / 'console.sock'}", file=sys.stderr)
-        print(vm.console.tail(args.lines))
+        if sys.stdin.isatty() and not args.log:
+            print(f"console of {vm.name} (Ctrl-] leaves)", file=sys.stderr)
+            vm.console.attach()
+            print(file=sys.stderr)
+        else:
+            print(vm.console.tail(args.lines))
         return 0
     status, output = vm.console.run_status(args.command, timeout=args.timeout)
     sys.stdout.write(output)
@@ -72,9 +76,10 @@ def register(sub: argparse._SubParsersAction) -> None:
         p.add_argument("dom", metavar="DOM", help="name or id")
         p.set_defaults(handler=func)
 
-    p = sub.add_parser("console", help="run a command on a guest's serial console (or show its log tail)")
+    p = sub.add_parser("console", help="attach to a guest's serial console, or run one command on it (-c)")
     p.add_argument("dom", metavar="DOM", help="name or id")
     p.add_argument("-c", dest="command", metavar="CMD", help="shell command to run; exit status is the command's")
     p.add_argument("--timeout", type=float, default=30, help="seconds (default 30)")
-    p.add_argument("--lines", type=int, default=20, help="log lines to show without -c")
+    p.add_argument("--log", action="store_true", help="print the tail of the serial log instead of attaching")
+    p.add_argument("--lines", type=int, default=20, help="log lines to show with --log (or without a terminal)")
     p.set_defaults(handler=cmd_console)

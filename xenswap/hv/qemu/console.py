@@ -10,6 +10,7 @@ QEMU serves one socket client at a time.
 from __future__ import annotations
 
 import fcntl
+import os
 import re
 import secrets
 import socket
@@ -130,6 +131,38 @@ class SerialConsole:
                     if not chunk:
                         raise ConsoleError(f"console socket {self.socket_path} closed (did the VM stop?)")
                     received += chunk
+
+    def attach(self, stdin_fd: int = 0, stdout_fd: int = 1, escape: bytes = b"\x1d") -> None:
+        """Interactive session on the console until ``escape`` (Ctrl-]) is typed or the VM goes away. The
+        local terminal is put in raw mode so keys such as Ctrl-C reach the guest."""
+        import select
+        import termios
+        import tty
+
+        self.lock_path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.lock_path, "a") as lock:
+            self._lock(lock, time.monotonic() + 5)
+            with self._connect(time.monotonic() + 5) as sock:
+                saved = termios.tcgetattr(stdin_fd) if os.isatty(stdin_fd) else None
+                try:
+                    if saved is not None:
+                        tty.setraw(stdin_fd)
+                    sock.sendall(b"\n")  # show a fresh prompt
+                    while True:
+                        readable, _, _ = select.select([sock, stdin_fd], [], [])
+                        if sock in readable:
+                            data = sock.recv(65536)
+                            if not data:
+                                return
+                            os.write(stdout_fd, data)
+                        if stdin_fd in readable:
+                            data = os.read(stdin_fd, 1024)
+                            if not data or escape in data:
+                                return
+                            sock.sendall(data)
+                finally:
+                    if saved is not None:
+                        termios.tcsetattr(stdin_fd, termios.TCSADRAIN, saved)
 
     def _lock(self, lock, deadline: float) -> None:
         while True:
