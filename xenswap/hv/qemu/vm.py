@@ -295,7 +295,11 @@ class QemuVM:
             vm._cleanup()
             raise
         if wait_up:
-            vm.wait_up(timeout)
+            try:
+                vm.wait_up(timeout)
+            except KeyboardInterrupt:
+                vm.destroy()  # interrupted while booting: leave nothing half-made behind
+                raise
         return vm
 
     def _allocate_id_and_tap(self, network: bool, attempts: int = 8) -> None:
