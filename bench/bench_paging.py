@@ -266,6 +266,8 @@ def bench_ws_table(mem: int, window: float, reps: int) -> dict:
         during("Copy out 20 MB", lambda: subprocess.run([*ssh, "cat /www/blob"], stdout=subprocess.DEVNULL,
                                                          check=True, timeout=600))
 
+        vm.console.run("rm -f /www/blob", check=True)  # the guest's root is a RAM disk: make room for copy-in
+
         def copy_in() -> None:
             with open(blob, "rb") as f:
                 subprocess.run([*ssh, "cat > /root/in; rm -f /root/in"], stdin=f, check=True, timeout=600)
