@@ -76,7 +76,7 @@ def test_a_failure_half_way_rolls_back_everything(nothing_left) -> None:
     # a real kernel refusal: a device with the name our second bridge would get already exists
     topology = parse(TWO_LANS, features=kernel.probe())
     with Store() as store:
-        names = Naming(topology.name, store.allocate(topology.name, "test"))
+        names = Naming(topology.name, store.allocate(topology.name, "test", build.tids_in_kernel()))
     squatter = names.bridge("lan2")
     subprocess.run(["ip", "link", "add", squatter, "type", "veth", "peer", "name", squatter + "x"], check=True)
     try:
@@ -102,6 +102,16 @@ def test_links_between_routers_and_ipv6_across_three_hops(topologies) -> None:
     in_ns(a, "ping", "-c", "1", "-W", "5", "fd20::10")
     trace = in_ns(a, "ping", "-c", "1", "-W", "5", "10.20.0.10").stdout
     assert "ttl=61" in trace  # three routers on the way
+
+
+def test_numbers_in_use_in_the_kernel_are_not_reused(topologies, tmp_path, monkeypatch) -> None:
+    """Another state directory (another user, another test session) must not get the same names."""
+    first = topologies(TWO_LANS)
+    first_tid = naming(first.name).tid
+    monkeypatch.setenv("XENSWAP_STATE", str(tmp_path / "other-state"))
+    with Store() as other:
+        assert other.tid(first.name) is None
+        assert other.allocate("another", "test", build.tids_in_kernel()) != first_tid
 
 
 @pytest.mark.dom0

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import ipaddress
+import re
 import resource
 import socket
 from collections.abc import Callable
@@ -27,7 +28,7 @@ from pyroute2.netlink.exceptions import NetlinkError
 
 from xenswap.net import kernel
 from xenswap.net.kernel import NetError
-from xenswap.net.store import GROUP_BASE, Store
+from xenswap.net.store import GROUP_BASE, MAX_TID, Store
 from xenswap.net.topology import Features, Shaping, Topology
 
 RTPROT_STATIC = 4
@@ -568,6 +569,17 @@ def destroy(naming: Naming, builder: Builder) -> list[str]:
     return removed
 
 
+def tids_in_kernel() -> set[int]:
+    """Topology numbers with namespaces or host devices in the kernel (whichever store made them)."""
+    taken = {int(m.group(1)) for n in kernel.list_namespaces() if (m := re.match(r"xs(\d+)-", n))}
+    with IPRoute() as root:
+        for msg in root.get_links():
+            group = msg.get_attr("IFLA_GROUP") or 0
+            if GROUP_BASE < group <= GROUP_BASE + MAX_TID:
+                taken.add(group - GROUP_BASE)
+    return taken
+
+
 # --- the entry points the CLI and other areas use -------------------------------------------------------------
 
 
@@ -575,7 +587,8 @@ def diff(topology: Topology, features: Features | None = None) -> Plan:
     features = features or kernel.probe()
     with Store() as store:
         tid = store.tid(topology.name)
-        naming = Naming(topology.name, tid if tid is not None else store.allocate(topology.name, topology.source))
+        naming = Naming(topology.name, tid if tid is not None else
+                        store.allocate(topology.name, topology.source, tids_in_kernel()))
         if tid is None:
             store.forget(topology.name)  # a diff must not leave a record behind
         with IPRoute() as root:
@@ -586,7 +599,7 @@ def apply(topology: Topology, document: str = "", features: Features | None = No
     features = features or kernel.probe()
     with Store() as store:
         new = store.tid(topology.name) is None
-        naming = Naming(topology.name, store.allocate(topology.name, topology.source))
+        naming = Naming(topology.name, store.allocate(topology.name, topology.source, tids_in_kernel()))
         builder = Builder(naming, features)
         try:
             the_plan = plan(topology, naming, features, store.shaping(topology.name), builder.root)

@@ -46,11 +46,13 @@ class Store:
         row = self.db.execute("SELECT tid FROM topologies WHERE name = ?", (name,)).fetchone()
         return row[0] if row else None
 
-    def allocate(self, name: str, source: str) -> int:
+    def allocate(self, name: str, source: str, taken: set[int] | None = None) -> int:
+        """The topology's number; a new one avoids numbers recorded here and ``taken`` (numbers whose objects
+        exist in the kernel, e.g. made with another state directory)."""
         existing = self.tid(name)
         if existing is not None:
             return existing
-        used = {row[0] for row in self.db.execute("SELECT tid FROM topologies")}
+        used = {row[0] for row in self.db.execute("SELECT tid FROM topologies")} | (taken or set())
         tid = next((n for n in range(1, MAX_TID + 1) if n not in used), None)
         if tid is None:
             raise RuntimeError(f"more than {MAX_TID} topologies recorded")
