@@ -19,7 +19,8 @@ GOLDEN_SIZE = 16 << 20
 class Server:
     """``xenswap disk serve`` as a real child process on a unix socket (optionally TCP too)."""
 
-    def __init__(self, store_dir: Path, sock: Path, tcp_port: int | None = None) -> None:
+    def __init__(self, store_dir: Path, sock: Path, tcp_port: int | None = None, autoflush: float = 0) -> None:
+        self.autoflush = autoflush
         self.store_dir = store_dir
         self.sock = sock
         self.tcp_port = tcp_port
@@ -27,7 +28,7 @@ class Server:
 
     def start(self) -> Server:
         cmd = [sys.executable, "-m", "xenswap.storage", "serve", "--store", str(self.store_dir),
-               "--socket", str(self.sock), "-v"]
+               "--socket", str(self.sock), "--autoflush", str(self.autoflush), "-v"]
         if self.tcp_port:
             cmd += ["--tcp", f"127.0.0.1:{self.tcp_port}"]
         self.log = open(self.sock.with_suffix(".log"), "ab")

@@ -101,3 +101,25 @@ def test_kill9_at_random_points_loses_only_unflushed_writes(tmp_path: Path, stor
         disk.close()
     for vba in range(BLOCKS):
         assert data[vba * BS : (vba + 1) * BS] in [durable[vba], *pending.get(vba, [])]
+
+
+def test_autoflush_bounds_what_a_crash_loses(tmp_path: Path, store: Store) -> None:
+    """The client never flushes; the server's periodic flush still makes its writes survive kill -9."""
+    store.branch("vm", "base")
+    srv = Server(store.root, tmp_path / "af.sock", autoflush=0.2).start()
+    try:
+        client = Client(str(srv.sock), "vm")
+        client.write(0, b"A" * BS)
+        client.write(7 * BS, b"B" * BS)
+        time.sleep(1.0)
+        srv.kill9()
+        client.sock.close()
+    finally:
+        srv.stop()
+    srv = Server(store.root, tmp_path / "af.sock").start()
+    try:
+        client = Client(str(srv.sock), "vm")
+        assert client.read(0, BS) == b"A" * BS and client.read(7 * BS, BS) == b"B" * BS
+        client.close()
+    finally:
+        srv.stop()

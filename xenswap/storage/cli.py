@@ -143,7 +143,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if tcp and tcp[0] not in ("127.0.0.1", "::1", "localhost") and not args.allow_remote:
         raise SpecError(f"--tcp {args.tcp} is not loopback: NBD has no authentication; add --allow-remote")
     socket_path = None if args.no_socket else Path(args.socket or default_socket())
-    server = NbdServer(_store(args), socket_path, tcp)
+    server = NbdServer(_store(args), socket_path, tcp, autoflush=args.autoflush)
 
     async def main() -> None:
         await server.start()
@@ -222,4 +222,6 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--no-socket", action="store_true", help="TCP only")
     p.add_argument("--tcp", metavar="[HOST:]PORT", help="also listen on TCP (loopback by default)")
     p.add_argument("--allow-remote", action="store_true", help="allow a non-loopback --tcp address")
+    p.add_argument("--autoflush", type=float, default=5.0, metavar="SECONDS",
+                   help="also flush open disks this often (bounds what a crash can lose; 0: only on client flush)")
     p.add_argument("-v", "--verbose", action="store_true", help="log connections and protocol errors")
