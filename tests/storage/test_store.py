@@ -241,3 +241,32 @@ def test_compact_rewrites_in_order_frees_space_and_keeps_content(store: Store, t
     # In VBA order, a data run now only ends where an unwritten (golden) block interrupts it.
     assert len(data_runs) <= len(golden_runs) + 1 < runs_before // 2
     disk.close()
+
+
+def test_allocation_status_matches_content(store: Store) -> None:
+    """base:allocation: everything reported hole|zero reads as zeroes; every delta block is data."""
+    store.branch("vm", "base")
+    disk = store.open("vm")
+    half = GOLDEN_SIZE // 2
+    disk.write(3 * BS, b"x" * BS)  # data over golden data
+    disk.write(half + 40 * BS + 5, b"y" * 10)  # data inside the golden hole (unaligned)
+    disk.write_zeroes(100 * BS, 20 * BS)  # zero entries over golden data
+    extents = disk.extents(0, GOLDEN_SIZE, "base:allocation")
+    assert sum(length for length, _ in extents) == GOLDEN_SIZE
+    pos = 0
+    for length, flags in extents:
+        if flags == 3:
+            assert disk.read(pos, length) == bytes(length)
+        pos += length
+    kinds = {}
+    pos = 0
+    for length, flags in extents:
+        for vba in range(pos // BS, (pos + length) // BS):
+            kinds[vba] = flags
+        pos += length
+    assert kinds[3] == 0 and kinds[(half // BS) + 40] == 0 and kinds[100] == 3 and kinds[119] == 3
+    assert kinds[(half // BS) + 41] == 3  # golden hole
+    # An unaligned window is clipped to exactly the request.
+    window = disk.extents(BS + 7, 10 * BS, "base:allocation")
+    assert sum(length for length, _ in window) == 10 * BS
+    disk.close()

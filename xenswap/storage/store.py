@@ -949,11 +949,14 @@ class Disk:
     # -- status -----------------------------------------------------------------------------------------
     def extents(self, offset: int, length: int, context: str, limit: int = 1024) -> list[tuple[int, int]]:
         """(length, flags) runs from offset. base:allocation: 1 hole, 2 zero. xenswap:layer: 0 golden,
-        1 base (migration) delta, 2 active delta."""
+        1 base (migration) delta, 2 active delta. Covers at most 64 Ki blocks per call (the protocol lets a
+        server describe less than asked; the client asks again from where we stopped)."""
+        if context == "base:allocation":
+            return self._allocation(offset, length, limit)
         bs = self.block_size
         out: list[tuple[int, int]] = []
         pos = offset
-        end = offset + length
+        end = min(offset + length, (offset // bs + 65536) * bs)
         while pos < end and len(out) < limit:
             vba = pos // bs
             level, entry = self.locate(vba)
@@ -969,6 +972,57 @@ class Disk:
             else:
                 out.append((run_end - pos, flags))
             pos = run_end
+        return out
+
+    def _allocation(self, offset: int, length: int, limit: int) -> list[tuple[int, int]]:
+        """base:allocation for up to 4 GiB worth of blocks per call: delta data is allocated (0), zero
+        entries and holes of the golden file (found with SEEK_DATA/SEEK_HOLE, which are certain to read as
+        zero) are hole|zero (3), other golden data is 0."""
+        bs = self.block_size
+        first = offset // bs
+        end_block = min(-(-(offset + length) // bs), first + (1 << 20))
+        runs: list[list[int]] = []
+
+        def add(start: int, count: int, flags: int) -> None:
+            if runs and runs[-1][2] == flags and runs[-1][0] + runs[-1][1] == start:
+                runs[-1][1] += count
+            else:
+                runs.append([start, count, flags])
+
+        fd = self.golden.fd
+        golden_blocks = self.golden.size // bs
+        cursor = first
+        for seg in self._segments(first, end_block):
+            kind, start, count = seg[0], seg[1], seg[2]
+            if start > cursor:
+                add(cursor, start - cursor, 3)  # zero entries leave gaps between segments
+            if kind != GOLDEN:
+                add(start, count, 0)
+            else:
+                pos, seg_end = start, start + count
+                while pos < seg_end:
+                    try:
+                        data_block = os.lseek(fd, pos * bs, os.SEEK_DATA) // bs
+                    except OSError:  # ENXIO: only a hole up to the end of the file
+                        data_block = golden_blocks
+                    if data_block > pos:
+                        nxt = min(data_block, seg_end)
+                        add(pos, nxt - pos, 3)
+                    else:
+                        hole_block = -(-os.lseek(fd, pos * bs, os.SEEK_HOLE) // bs)
+                        nxt = min(max(hole_block, pos + 1), seg_end)
+                        add(pos, nxt - pos, 0)
+                    pos = nxt
+            cursor = start + count
+        if cursor < end_block:
+            add(cursor, end_block - cursor, 3)
+        out: list[tuple[int, int]] = []
+        stop = offset + length
+        for start, count, flags in runs[:limit]:
+            lo = max(start * bs, offset)
+            hi = min((start + count) * bs, stop)
+            if hi > lo:
+                out.append((hi - lo, flags))
         return out
 
     def _golden_block_is_zero(self, vba: int) -> bool:
