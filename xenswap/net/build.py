@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import ipaddress
+import os
 import re
 import resource
 import socket
@@ -28,6 +29,7 @@ from pyroute2.netlink.exceptions import NetlinkError
 
 from xenswap.net import kernel
 from xenswap.net.kernel import NetError
+from xenswap.net.rtnl import Rtnl
 from xenswap.net.store import GROUP_BASE, MAX_TID, Store
 from xenswap.net.topology import Features, Shaping, Topology
 
@@ -212,14 +214,32 @@ class Builder:
         self.features = features
         # measured: decoding an echoed reply costs more than one lookup, so devices are addressed by name
         self.root = IPRoute()
+        self.fast_root = Rtnl.here()  # the hot, simple requests (see xenswap.net.rtnl)
         self.handles: dict[str, IPRoute] = {}
+        self.fast: dict[str, Rtnl] = {}
         self.root_index: dict[str, int] = {}
 
     def close(self) -> None:
         for handle in self.handles.values():
             handle.close()
         self.handles.clear()
+        for fast in self.fast.values():
+            fast.close()
+        self.fast.clear()
         self.root.close()
+        self.fast_root.close()
+
+    def _remember_fast(self, ns: str, fast: Rtnl) -> Rtnl:
+        if len(self.fast) >= self.handle_cache:
+            self.fast.pop(next(iter(self.fast))).close()
+        self.fast[ns] = fast
+        return fast
+
+    def fast_ns(self, ns: str) -> Rtnl:
+        fast = self.fast.get(ns)
+        if fast is None:
+            fast = self._remember_fast(ns, Rtnl(kernel.namespace_socket(ns)))
+        return fast
 
     def _remember(self, ns: str, handle: IPRoute) -> IPRoute:
         if len(self.handles) >= self.handle_cache:
@@ -238,6 +258,9 @@ class Builder:
         handle = self.handles.pop(ns, None)
         if handle is not None:
             handle.close()
+        fast = self.fast.pop(ns, None)
+        if fast is not None:
+            fast.close()
 
     @staticmethod
     def index(ipr: IPRoute, ifname: str) -> int:
@@ -250,17 +273,17 @@ class Builder:
         """Index of a host-side device: remembered from its creation, else looked up once."""
         index = self.root_index.get(ifname)
         if index is None:
-            index = self.root_index[ifname] = self.index(self.root, ifname)
+            try:
+                index = self.root_index[ifname] = self.fast_root.index(ifname)
+            except NetlinkError:
+                raise NetError(f"interface {ifname} not found") from None
         return index
-
-    def _add_host_link(self, ifname: str, **kwargs: object) -> None:
-        self.root.link("add", ifname=ifname, group=self.naming.group, **kwargs)
 
     # --- operations (each is undone by its counterpart) -------------------------------------------------
 
     def add_namespace(self, ns: str, ipv6: bool) -> None:
-        handle = self._remember(ns, kernel.create_namespace(ns, NO_DAD if ipv6 else None))
-        handle.link("set", index=1, state="up")  # lo is always index 1 in a new namespace
+        fast = self._remember_fast(ns, Rtnl(kernel.create_namespace_socket(ns, NO_DAD if ipv6 else None)))
+        fast.set_link("lo", up=True)
 
     def remove_namespace(self, ns: str) -> None:
         self.forget(ns)
@@ -270,13 +293,13 @@ class Builder:
         # the kernel ignores IFLA_IFALIAS when creating a link, and IPv6 settings before the device exists:
         # one "set" gives the alias and turns off IPv6 address generation (no link-local address, so the
         # host's own IPv6 takes no part in the LAN); it comes before the device can have a carrier
-        self.root.link("set", ifname=ifname, ifalias=alias, IFLA_AF_SPEC=NO_IPV6_ADDRESSES)
+        self.fast_root.set_link(ifname, attrs=[("IFLA_IFALIAS", alias), ("IFLA_AF_SPEC", NO_IPV6_ADDRESSES)])
 
     def add_bridge(self, name: str, alias: str) -> None:
         # no multicast snooping: without an MLD querier it can swallow IPv6 neighbour solicitations
-        self._add_host_link(name, kind="bridge", br_mcast_snooping=0)
+        self.fast_root.add_link(name, "bridge", group=self.naming.group, data=[("IFLA_BR_MCAST_SNOOPING", 0)])
         self._tag_host_link(name, alias)
-        self.root.link("set", ifname=name, state="up")  # only now: "up" with IPv6 on would add a link-local
+        self.fast_root.set_link(name, up=True)  # only now: "up" with IPv6 on would add a link-local
 
     def delete_root_link(self, name: str) -> None:
         self.root_index.pop(name, None)
@@ -286,10 +309,14 @@ class Builder:
             pass
 
     def add_port(self, port: str, bridge: str, ns: str, ifname: str) -> None:
-        self._add_host_link(port, kind="veth", master=self.host_index(bridge), state="up",
-                            peer={"ifname": ifname, "net_ns_fd": kernel.ns_path(ns)})
+        fd = os.open(kernel.ns_path(ns), os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            self.fast_root.add_veth(port, ifname, fd, up=True, group=self.naming.group,
+                                    master=self.host_index(bridge))
+        finally:
+            os.close(fd)
         self._tag_host_link(port, self.naming.alias(f"port {ns}/{ifname}"))
-        self.ns(ns).link("set", ifname=ifname, state="up")
+        self.fast_ns(ns).set_link(ifname, up=True)
 
     def add_link(self, end_a: tuple[str, str], end_b: tuple[str, str]) -> None:
         (ns_a, if_a), (ns_b, if_b) = end_a, end_b
@@ -310,8 +337,12 @@ class Builder:
         handle.link("set", index=self.index(handle, name), state="up")
 
     def address(self, command: str, ns: str, ifname: str, address: str) -> None:
-        handle = self.ns(ns)
         iface = ipaddress.ip_interface(address)
+        if command == "add":
+            fast = self.fast_ns(ns)
+            fast.add_address(fast.index(ifname), str(iface.ip), iface.network.prefixlen)
+            return
+        handle = self.ns(ns)
         kwargs = {"flags": IFA_F_NODAD} if iface.version == 6 else {}
         handle.addr(command, index=self.index(handle, ifname), address=str(iface.ip),
                     prefixlen=iface.network.prefixlen, **kwargs)

@@ -86,6 +86,11 @@ def _netlink_socket() -> socket.socket:
 def create_namespace(name: str, sysctls: dict[str, str] | None = None) -> IPRoute:
     """Create and name a new network namespace, write ``sysctls`` in it while we are there; returns an
     IPRoute bound to it (caller closes it)."""
+    return IPRoute(fileno=create_namespace_socket(name, sysctls).detach())
+
+
+def create_namespace_socket(name: str, sysctls: dict[str, str] | None = None) -> socket.socket:
+    """As create_namespace, but returns a plain NETLINK_ROUTE socket in the new namespace."""
     with _lock:
         home = _home()
         if _libc.unshare(CLONE_NEWNET) != 0:
@@ -101,17 +106,21 @@ def create_namespace(name: str, sysctls: dict[str, str] | None = None) -> IPRout
             raise NetError(f"network namespace {name} already exists") from None
         finally:
             _setns(home)
-    return IPRoute(fileno=sock.detach())
+    return sock
 
 
 def open_namespace(name: str) -> IPRoute:
     """An IPRoute on an existing namespace (caller closes it)."""
+    return IPRoute(fileno=namespace_socket(name).detach())
+
+
+def namespace_socket(name: str) -> socket.socket:
+    """A plain NETLINK_ROUTE socket in an existing namespace."""
     try:
         with inside(name):
-            sock = _netlink_socket()
+            return _netlink_socket()
     except FileNotFoundError:
         raise NetError(f"network namespace {name} does not exist") from None
-    return IPRoute(fileno=sock.detach())
 
 
 def remove_namespace(name: str) -> None:
