@@ -142,11 +142,6 @@ class Golden:
         self.size = os.fstat(self.fd).st_size
         self.shared_sums = sums
         self.sums = sums.sums
-        self.zero_crc = zlib.crc32(bytes(block_size))
-
-    def is_zero(self, vba: int) -> bool:
-        # A CRC match with the zero block is only a hint; callers that must be sure re-check the bytes.
-        return self.sums[vba] == self.zero_crc
 
     def close(self) -> None:
         os.close(self.fd)
@@ -519,8 +514,6 @@ class Store:
                 step = disk.block_size * 256
                 for offset in range(0, disk.size, step):
                     length = min(step, disk.size - offset)
-                    if disk.all_golden_zero(offset, length):
-                        continue  # leave a hole in the output
                     data = disk.read(offset, length)
                     if data.count(0) != len(data):
                         f.seek(offset)
@@ -799,16 +792,6 @@ class Disk:
             return data
         return bytes(memoryview(data)[skip : skip + length])
 
-    def all_golden_zero(self, offset: int, length: int) -> bool:
-        first = offset >> self.shift
-        last = (offset + length - 1) >> self.shift
-        for vba in range(first, last + 1):
-            if self.active.get(vba) is not None or self.base.get(vba) is not None:
-                return False
-            if not self.golden.is_zero(vba):
-                return False
-        return True
-
     # -- writes -----------------------------------------------------------------------------------------
     def _require_writable(self) -> None:
         if not self.writable:
@@ -959,13 +942,7 @@ class Disk:
         end = min(offset + length, (offset // bs + 65536) * bs)
         while pos < end and len(out) < limit:
             vba = pos // bs
-            level, entry = self.locate(vba)
-            if context == "xenswap:layer":
-                flags = level
-            elif entry is None:
-                flags = 3 if self.golden.is_zero(vba) and self._golden_block_is_zero(vba) else 0
-            else:
-                flags = 3 if entry[0] == ZERO_FILE else 0
+            flags = self.locate(vba)[0]  # xenswap:layer
             run_end = min(end, (vba + 1) * bs)
             if out and out[-1][1] == flags:
                 out[-1] = (out[-1][0] + run_end - pos, flags)
@@ -1024,9 +1001,6 @@ class Disk:
             if hi > lo:
                 out.append((hi - lo, flags))
         return out
-
-    def _golden_block_is_zero(self, vba: int) -> bool:
-        return os.pread(self.golden.fd, self.block_size, vba * self.block_size) == self.zero_block
 
     def map_bytes(self) -> int:
         """Memory of this disk's own lookup structures (the base map may be shared with other disks)."""
