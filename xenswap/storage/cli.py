@@ -150,12 +150,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         print("serving on " + ", ".join(server.addresses()), flush=True)
         await server.serve_until_signalled()
 
-    try:
-        import uvloop  # a faster event loop when installed: the per-request overhead is the loop's
-    except ImportError:
-        asyncio.run(main())
-    else:
-        uvloop.run(main())
+    asyncio.run(main())
     return 0
 
 

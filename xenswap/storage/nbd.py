@@ -565,7 +565,6 @@ class NbdServer:
 
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
-        self.loop_kind = type(loop).__module__.split(".")[0]
         if self.socket_path is not None:
             self.socket_path.parent.mkdir(parents=True, exist_ok=True)
             with contextlib.suppress(FileNotFoundError):
