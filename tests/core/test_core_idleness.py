@@ -111,3 +111,14 @@ def test_recorded_guest_trace():
         assert ev.periods == len(periods)
         assert 0 < ev.captured_s <= ev.idle_s
         assert ev.acted + ev.missed <= ev.periods
+
+
+def test_cli_evaluates_the_recorded_trace(capsys):
+    import json
+
+    from xenswap.cli import main
+
+    assert main(["idle", "--evaluate", str(TRACE), "--json"]) == 0
+    rows = {r["predictor"]: r for r in json.loads(capsys.readouterr().out)}
+    assert set(rows) == {"fixed-timeout", "moving-average", "adaptive-backoff"}
+    assert all(0 <= r["captured_fraction"] <= 1 for r in rows.values())
