@@ -182,13 +182,17 @@ class ProcessMemory:
             self.trim_swap_cache(gfns)
         return pages
 
-    def release_overhead(self) -> int:
+    def release_overhead(self, keep_working_set: bool = False) -> int:
         """Page out the hypervisor process's own memory outside guest RAM (QEMU's heap, TCG code buffer, its
         private copies of .data/.bss): ~40 MiB per TCG guest that an idle guest rarely needs. The pages that
         were resident are remembered as QEMU's working set, for ``prefetch_overhead`` on wake-up (without
         it, a woken guest waits on demand faults of QEMU itself). Returns bytes advised."""
         ranges = [(s, n) for s, n in anonymous_ranges(self.pid) if s + n <= self.base or s >= self.base + self.length]
         present = self._resident_runs(ranges)
+        if keep_working_set and self.overhead_ws:
+            # What QEMU faulted back since the previous release is its own idle working set: keep it
+            # (a few MiB) so that a paused guest's wake-up does not wait on QEMU's main loop paging in.
+            return 0
         if present:
             self.overhead_ws = present
         with _rotating_cpus() as cpus:
