@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 
@@ -122,3 +123,36 @@ def test_kill_9_mid_page_out_leaves_guest_running_and_successor_takes_over(guest
     assert manager.state(name).phase in (WORKING_SET, RESIDENT)
     assert guest.status() == "running"
     assert guest_md5(guest) == md5
+
+
+def test_manager_ticks_page_an_idle_guest_out_to_its_working_set(guest):
+    """The daemon's loop on a real guest: idle detected from vCPU time, idle working set measured over a few
+    ticks, page-out to it; ``annotate`` fills the columns of ``xenswap list``."""
+    from xenswap.core.policy import PAGE_OUT_WS, PolicyConfig, StateStore
+    from xenswap.hv.qemu import open_hypervisor
+
+    hv = open_hypervisor()
+    store = StateStore(Path(os.environ["XENSWAP_STATE"]) / "tick-test.sqlite")
+    m = engine_for(hv, PolicyConfig(predictor="fixed-timeout", measure_idle_ws=2, long_idle_s=1e9), wake=False)
+    m.store = store
+    m.policy.config.breakeven_s = 1
+    from xenswap.core.idleness import FixedTimeout
+
+    st = m.state(guest.name)
+    st.keep_predictor(FixedTimeout(timeout=3))
+    store.save(st)
+    actions = []
+    for _ in range(12):
+        actions += [d.action for d in m.tick() if d.domain == guest.name]
+        if PAGE_OUT_WS in actions:
+            break
+        time.sleep(1)
+    assert PAGE_OUT_WS in actions, actions
+    st = m.state(guest.name)
+    assert st.phase == WORKING_SET
+    assert st.model.events["idle"].observations >= 2
+    assert st.resident_pages is not None and st.resident_pages < 4096
+    info = m.annotate([d for d in hv.list_domains() if d.name == guest.name])[0]
+    assert info.resident_mib is not None and info.resident_mib < 16
+    assert info.wss_mib is not None and info.idle_since is not None
+    assert ping(guest.ip)
