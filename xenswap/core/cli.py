@@ -195,7 +195,9 @@ def cmd_swap(args: argparse.Namespace) -> int:
 
 
 def cmd_metrics(args: argparse.Namespace) -> int:
-    sys.stdout.write(render_metrics(domain_figures(StateStore())))
+    live = {d.name for d in select_hypervisor(args.hv).list_domains()}
+    figures = {name: f for name, f in domain_figures(StateStore()).items() if name in live}
+    sys.stdout.write(render_metrics(figures))
     return 0
 
 
@@ -248,5 +250,6 @@ def register(sub: argparse._SubParsersAction) -> None:
     add_hv_argument(p)
     p.set_defaults(handler=cmd_swap)
 
-    p = sub.add_parser("metrics", help="paging figures in Prometheus text format")
+    p = sub.add_parser("metrics", help="paging figures of live domains in Prometheus text format")
+    add_hv_argument(p)
     p.set_defaults(handler=cmd_metrics)
