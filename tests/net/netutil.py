@@ -56,8 +56,9 @@ def ping_loss(ns: str, address: str, count: int, interval: float = 0.005) -> flo
     return 1 - received / sent
 
 
-def ping_rtt_ms(ns: str, address: str, count: int = 5) -> float:
+def ping_rtt_ms(ns: str, address: str, count: int = 5) -> tuple[float, float]:
+    """(min, avg) RTT in ms; works with iputils' and busybox's summary lines."""
     out = in_ns(ns, "ping", "-q", "-c", str(count), "-i", "0.2", "-W", "2", address).stdout  # busybox has no -n
-    match = re.search(r"= [\d.]+/([\d.]+)/", out)
+    match = re.search(r"= ([\d.]+)/([\d.]+)/", out)
     assert match, out
-    return float(match.group(1))
+    return float(match.group(1)), float(match.group(2))

@@ -124,6 +124,30 @@ def test_three_router_rtt_is_the_sum_of_link_delays(topologies) -> None:
         ping_rtt_ms(a, address, count=2)  # warm up: ARP / neighbour discovery at every hop
     rtt = ping_rtt_ms(a, "10.20.0.10", count=5)
     rtt6 = ping_rtt_ms(a, "fd20::10", count=5)
-    print(f"three-router RTT: IPv4 {rtt:.1f} ms, IPv6 {rtt6:.1f} ms (configured 60 ms)")
-    assert 60.0 <= rtt <= 60.0 * 1.25, rtt
-    assert 60.0 <= rtt6 <= 60.0 * 1.25, rtt6
+    print(f"three-router RTT min/avg: IPv4 {rtt[0]:.1f}/{rtt[1]:.1f} ms, IPv6 {rtt6[0]:.1f}/{rtt6[1]:.1f} ms "
+          "(configured 60 ms)")
+    # the minimum is the delay plus the path's own cost (a few ms under nested TCG); never below the delay
+    for low, _avg in (rtt, rtt6):
+        assert 60.0 <= low <= 60.0 * 1.25, (rtt, rtt6)
+
+
+VLANS = """
+name: vlans
+lans: [trunk]
+nodes:
+  a: {interfaces: {eth0: {lan: trunk, vlan: 10, addresses: [10.90.10.1/24]}}}
+  b: {interfaces: {eth0: {lan: trunk, vlan: 10, addresses: [10.90.10.2/24]}}}
+  c: {interfaces: {eth0: {lan: trunk, vlan: 20, addresses: [10.90.10.3/24]}}}
+"""
+
+
+@pytest.mark.dom0
+def test_vlans_on_one_trunk_lan_are_isolated(topologies) -> None:
+    """Runs where 8021q exists (the nested Xen dom0): same subnet, same bridge, different VLAN ids."""
+    assert kernel.probe().vlan, "this test runs where the kernel has 802.1Q"
+    topology = topologies(VLANS)
+    names = naming(topology.name)
+    a = names.netns("a")
+    assert "10.90.10.1/24" in in_ns(a, "ip", "-4", "addr", "show", "dev", "eth0.10").stdout
+    in_ns(a, "ping", "-c", "1", "-W", "3", "10.90.10.2")
+    assert in_ns(a, "ping", "-c", "1", "-W", "2", "10.90.10.3", check=False).returncode != 0
