@@ -28,6 +28,9 @@ def test_cli_round_trip(tmp_path: Path, nothing_left, capsys) -> None:
         rows = {(r["name"], r["interface"]): r for r in shown["entries"]}
         assert rows[("h1", "eth0")]["up"] and rows[("h1", "eth0")]["netns"] in kernel.list_namespaces()
         assert rows[("vm1", "tap/vif")]["host_device"] == rows[("r1", "eth0")]["host_device"]  # same LAN bridge
+        assert main(["net", "list", "--json"]) == 0
+        (listed,) = [e for e in json.loads(capsys.readouterr().out) if e["name"] == "two-lans"]
+        assert listed["namespaces"] == 3 and listed["source"] == str(EXAMPLE)
         assert main(["net", "graph", str(EXAMPLE), "-o", str(tmp_path / "t.svg")]) == 0
         svg = (tmp_path / "t.svg").read_text()
         assert "<svg" in svg and "lan1" in svg and "vm2" in svg

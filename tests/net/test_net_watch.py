@@ -87,6 +87,18 @@ def test_hold_then_release_delivers_late_and_drop_loses(topologies) -> None:
 
     asyncio.run(scenario())
     assert not stale_rules()
+
+    async def killed_manager_then_new_one() -> None:
+        # a rule left behind (as by a killed manager) is not doubled by the next watcher, and goes with it
+        left = PacketWatcher(QUEUE)
+        left.watch_port(h2_port)
+        assert len(stale_rules()) == 1
+        async with PacketWatcher(QUEUE + 2) as watcher:
+            watcher.watch_port(h2_port)
+            assert len(stale_rules()) == 1 and f"--queue-num {QUEUE + 2}" in stale_rules()[0]
+        assert not stale_rules()
+
+    asyncio.run(killed_manager_then_new_one())
     # with the watcher gone the port is not watched any more: plain ping works
     start = time.monotonic()
     subprocess.run(["nsenter", f"--net={kernel.ns_path(h1)}", "ping", "-c", "1", "-W", "2", "10.70.0.2"], check=True,

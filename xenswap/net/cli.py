@@ -1,4 +1,4 @@
-"""``xenswap net apply|diff|destroy|show|graph FILE``: virtual network topologies as data."""
+"""``xenswap net apply|diff|destroy|show|graph FILE`` and ``xenswap net list``: network topologies as data."""
 
 from __future__ import annotations
 
@@ -112,6 +112,23 @@ def cmd_graph(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_list(args: argparse.Namespace) -> int:
+    from xenswap.net.store import Store
+
+    with Store() as store:
+        entries = store.entries()
+    namespaces = kernel.list_namespaces()
+    for entry in entries:
+        prefix = build.Naming(str(entry["name"]), int(str(entry["tid"]))).ns_prefix
+        entry["namespaces"] = sum(n.startswith(prefix) for n in namespaces)
+    if args.json:
+        print_json(entries)
+        return 0
+    print_table(["Name", "Number", "Namespaces", "Source"],
+                [[e["name"], e["tid"], e["namespaces"], e["source"]] for e in entries])
+    return 0
+
+
 def register(sub: argparse._SubParsersAction) -> None:
     net = sub.add_parser("net", help="virtual network topologies (apply, diff, destroy, show, graph)")
     actions = net.add_subparsers(dest="net_command", metavar="ACTION")
@@ -130,6 +147,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("file", metavar="FILE", help="topology file, or the name of an applied topology")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(handler=cmd_show)
+    p = actions.add_parser("list", help="topologies applied here")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(handler=cmd_list)
     p = actions.add_parser("graph", help="render the topology as a picture (graphviz)")
     p.add_argument("file", metavar="FILE")
     p.add_argument("-o", "--output", help="output file (.png, .svg, .pdf or .dot); default FILE's name .png")

@@ -226,14 +226,18 @@ class PacketWatcher:
     def watch_port(self, port: str) -> None:
         """Queue IPv4 and IPv6 packets that a host bridge forwards out of ``port`` (host namespace)."""
         _bridge_netfilter_on()
+        self.unwatch_port(port)  # a rule left by a killed manager would otherwise be doubled
         for ipv6 in (False, True):
             kernel.iptables_restore(None, f"*filter\n-I FORWARD {self._rule(port)}\nCOMMIT\n", ipv6=ipv6)
         self.ports.append(port)
 
     def unwatch_port(self, port: str) -> None:
         for ipv6 in (False, True):
-            with contextlib.suppress(NetError):
-                kernel.iptables_restore(None, f"*filter\n-D FORWARD {self._rule(port)}\nCOMMIT\n", ipv6=ipv6)
+            rules = [line for line in kernel.iptables_save(None, ipv6=ipv6).splitlines()
+                     if line.startswith("-A FORWARD ") and f'"{RULE_COMMENT} {port}"' in line]
+            for rule in rules:  # every copy, whichever queue number it sends to
+                with contextlib.suppress(NetError):
+                    kernel.iptables_restore(None, f"*filter\n-D{rule[2:]}\nCOMMIT\n", ipv6=ipv6)
         if port in self.ports:
             self.ports.remove(port)
 
