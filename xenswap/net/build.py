@@ -367,7 +367,7 @@ class Builder:
                     handle.tc("del", index=found[0], root=True)
                 except NetlinkError:
                     pass  # no root qdisc of ours there
-        if not self.features.netem:
+        if not self.features.netem and self.features.statistic:
             self._loss_rules(ns, {})
 
     def _loss_rules(self, ns: str, losses: dict[str, float]) -> None:
@@ -380,18 +380,7 @@ class Builder:
         table = "*mangle\n:PREROUTING ACCEPT [0:0]\n:INPUT ACCEPT [0:0]\n:FORWARD ACCEPT [0:0]\n" \
                 ":OUTPUT ACCEPT [0:0]\n:POSTROUTING ACCEPT [0:0]\n" + rules + "COMMIT\n"
         for ipv6 in (False, True):
-            self._restore(ns, table, ipv6)
-
-    @staticmethod
-    def _restore(ns: str, table: str, ipv6: bool) -> None:
-        # a full restore of one table (not --noflush): the namespace is ours, so is its mangle table
-        import subprocess
-
-        tool = "ip6tables-restore" if ipv6 else "iptables-restore"
-        result = subprocess.run(["nsenter", f"--net={kernel.ns_path(ns)}", tool, "-w", "5"], input=table,
-                                text=True, capture_output=True, timeout=30)
-        if result.returncode != 0:
-            raise NetError(f"{tool} in {ns} failed: {result.stderr.strip()}")
+            kernel.iptables_restore(ns, table, ipv6=ipv6, replace_tables=True)
 
     @staticmethod
     def _tbf(handle: IPRoute, index: int, rate_bps: int, handle_id: str, parent: int | None = None) -> None:
@@ -418,7 +407,7 @@ class Builder:
                 self._tbf(handle, index, shaping.rate_bps, handle_id="1:")
             if shaping.loss:
                 losses[ifname] = shaping.loss
-        if losses or not self.features.netem:
+        if losses or (not self.features.netem and self.features.statistic):
             self._loss_rules(ns, losses)
 
 

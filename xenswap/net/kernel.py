@@ -145,10 +145,11 @@ def read_sysctl(name: str, key: str) -> str:
             return handle.read().strip()
 
 
-def iptables_restore(name: str | None, rules: str, ipv6: bool = False) -> None:
-    """Add rules (iptables-save syntax, without flushing) in namespace ``name`` (None: our own)."""
+def iptables_restore(name: str | None, rules: str, ipv6: bool = False, replace_tables: bool = False) -> None:
+    """Add rules (iptables-save syntax) in namespace ``name`` (None: our own); with ``replace_tables`` the
+    tables named in ``rules`` are replaced as a whole (only for namespaces that are entirely ours)."""
     tool = "ip6tables-restore" if ipv6 else "iptables-restore"
-    cmd = [tool, "--noflush", "-w", "5"]
+    cmd = [tool, "-w", "5"] if replace_tables else [tool, "--noflush", "-w", "5"]
     if name is not None:
         cmd = ["nsenter", f"--net={ns_path(name)}", *cmd]
     try:
