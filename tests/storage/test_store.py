@@ -173,17 +173,20 @@ def test_lookup_cost_does_not_grow_with_snapshot_depth(store: Store) -> None:
                 disk.write(rng.randrange(GOLDEN_SIZE // BS) * BS, rng.randbytes(BS))
             disk.close()
             store.snapshot(name, f"{name}-{gen}")
-    timings = {}
-    offsets = [rng.randrange(GOLDEN_SIZE // BS) * BS for _ in range(3000)]
-    for name in ("shallow", "deep"):
-        disk = store.open(name)
-        start = time.perf_counter()
-        for _ in range(3):
+    offsets = [rng.randrange(GOLDEN_SIZE // BS) * BS for _ in range(2000)]
+    disks = {name: store.open(name) for name in ("shallow", "deep")}
+    assert disks["deep"].locate(offsets[0] // BS)[0] in (0, 1)  # never deeper than base, whatever the history
+    # Best of 5 alternating trials each, so a burst of load from elsewhere does not decide the outcome.
+    timings = {"shallow": float("inf"), "deep": float("inf")}
+    for _ in range(5):
+        for name, disk in disks.items():
+            start = time.perf_counter()
             for off in offsets:
                 disk.read(off, BS)
-        timings[name] = time.perf_counter() - start
+            timings[name] = min(timings[name], time.perf_counter() - start)
+    for disk in disks.values():
         disk.close()
-    assert timings["deep"] < 2.0 * timings["shallow"], timings
+    assert timings["deep"] < 1.4 * timings["shallow"], timings
 
 
 def test_overwrites_reuse_space_once_no_durable_map_needs_the_old_block(store: Store) -> None:
