@@ -365,9 +365,19 @@ def page_out_process(pid: int, passes: int = 2) -> int:
         os.close(fd)
 
 
+_swap_checked = False
+
+
 def mechanism_for(hv: object, name: str) -> ProcessMemory:
-    """The QEMU port's mechanism for one guest: its QEMU process and the host range of its RAM."""
+    """The QEMU port's mechanism for one guest: its QEMU process and the host range of its RAM. The first
+    call makes sure the host has swap (any active swap, else the project's default swap file)."""
+    from xenswap.hv.qemu.memory_swap import ensure_swap
     from xenswap.hv.qemu.vm import QemuVM
+
+    global _swap_checked
+    if not _swap_checked:
+        ensure_swap()
+        _swap_checked = True
 
     vm = QemuVM.open(name)
     start, length = vm.ram_region()
