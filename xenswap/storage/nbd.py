@@ -158,13 +158,32 @@ class Exports:
         disk.close()
 
     def flush_all(self) -> None:
+        """Flush every open disk and wait (server shutdown)."""
         for disk, _ in self.open_disks.values():
             disk.flush()
+
+    def flush_all_in_background(self) -> None:
+        """Start a flush of every open disk without waiting for it (the periodic flush)."""
+        for disk, _ in list(self.open_disks.values()):
+            if not disk.dirty:
+                continue
+            future = disk.submit_flush()
+            if future is None:
+                continue
+
+            def done(waited: asyncio.Future[None], disk: Disk = disk, job=future.job) -> None:  # type: ignore[attr-defined]
+                if waited.exception() is None:
+                    disk.end_flush(job)
+                else:
+                    log.error("periodic flush of %s failed: %s", disk.name, waited.exception())
+
+            asyncio.wrap_future(future).add_done_callback(done)
 
 
 class NbdConnection(asyncio.Protocol):
     """One client. Requests are handled in arrival order straight from data_received: every operation is
-    a few preads/pwrites on local files, cheaper than handing it to a task."""
+    a few preads/pwrites on local files, cheaper than handing it to a task. Flushes (FLUSH, FUA) are the
+    exception: their fsync and commit run in the store's flush thread and the reply follows when done."""
 
     def __init__(self, exports: Exports) -> None:
         self.exports = exports
@@ -471,12 +490,7 @@ class NbdConnection(asyncio.Protocol):
             self._close()
             return
         if cmd == CMD_FLUSH:
-            try:
-                disk.flush()
-            except (OSError, StorageError) as exc:
-                self._error(handle, EIO, f"flush failed: {exc}")
-                return
-            self._ok(handle)
+            self._reply_after_flush(handle)
             return
         if cmd == CMD_READ and (length == 0 or length > MAX_REQUEST_LENGTH):
             self._error(handle, EINVAL if length == 0 else EOVERFLOW,
@@ -507,12 +521,40 @@ class NbdConnection(asyncio.Protocol):
                     disk.write_zeroes(offset, length)
             else:
                 disk.trim(offset, length)
-            if flags & CMD_FLAG_FUA:
-                disk.flush()
         except (OSError, StorageError) as exc:
             self._error(handle, ENOSPC if isinstance(exc, OSError) and exc.errno == 28 else EIO, str(exc))
             return
+        if flags & CMD_FLAG_FUA:
+            self._reply_after_flush(handle)
+            return
         self._ok(handle)
+
+    def _reply_after_flush(self, handle: int) -> None:
+        """Reply once the flush thread has made everything written so far durable. Other requests (of this
+        client and of others) go on meanwhile; NBD lets replies come out of order."""
+        disk = self.disk
+        assert disk is not None
+        try:
+            future = disk.submit_flush()
+        except StorageError as exc:
+            self._error(handle, EIO, str(exc))
+            return
+        if future is None:
+            self._ok(handle)
+            return
+
+        def done(waited: asyncio.Future[None]) -> None:
+            try:
+                waited.result()
+            except Exception as exc:
+                log.error("flush of %s failed: %s", disk.name, exc)
+                self._error(handle, EIO, f"flush failed: {exc}")
+            else:
+                disk.end_flush(future.job)  # type: ignore[attr-defined]
+                self._ok(handle)
+            self._flush_out()
+
+        asyncio.wrap_future(future).add_done_callback(done)
 
     def _read(self, handle: int, offset: int, length: int) -> None:
         disk = self.disk
@@ -583,7 +625,7 @@ class NbdServer:
         while True:
             await asyncio.sleep(self.autoflush)
             try:
-                self.exports.flush_all()
+                self.exports.flush_all_in_background()
             except Exception:  # a full disk or a damaged store must not stop the server
                 log.exception("periodic flush failed")
 

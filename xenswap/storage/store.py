@@ -21,6 +21,7 @@ written since the last flush may be lost but are never torn. Every block carries
 
 from __future__ import annotations
 
+import concurrent.futures
 import fcntl
 import json
 import os
@@ -28,6 +29,7 @@ import re
 import sqlite3
 import struct
 import subprocess
+import threading
 import time
 import weakref
 import zlib
@@ -117,6 +119,19 @@ class ObjectInfo:
         }
 
 
+@dataclass
+class FlushJob:
+    """A consistent snapshot of a disk's dirty map clusters, taken on the owner's thread, persisted by the
+    store's flush thread."""
+
+    disk: Disk
+    fd: int
+    layer: int
+    rows: list[tuple[int, int, bytes]]
+    gone: list[tuple[int, int]]
+    freed_after: list[int]  # data-file blocks that become reusable once this flush has committed
+
+
 def _check_name(name: str) -> None:
     if not NAME_RE.match(name):
         raise StorageError(f"bad name {name!r}: use 1-64 letters, digits, '.', '_' or '-', not starting with a symbol")
@@ -177,10 +192,50 @@ class Store:
         # Frozen layers never change, so disks on the same snapshot share one map object (and goldens
         # their checksum tables): per-disk lookup memory is the active delta only.
         self._frozen_maps: weakref.WeakValueDictionary[int, DeltaMap] = weakref.WeakValueDictionary()
+        # Flushes are persisted by one worker thread with its own sqlite connection, strictly in the order
+        # they were taken: an older map snapshot can never be committed after a newer one, and the event
+        # loop of a server keeps serving other clients while a flush waits for fsync.
+        self._flusher: concurrent.futures.ThreadPoolExecutor | None = None
+        self._flusher_db = threading.local()
         self._goldens: weakref.WeakValueDictionary[str, GoldenSums] = weakref.WeakValueDictionary()
 
     def close(self) -> None:
+        if self._flusher is not None:
+            self._flusher.shutdown(wait=True)
+            self._flusher = None
         self.db.close()
+
+    def submit_flush(self, job: FlushJob) -> concurrent.futures.Future[None]:
+        if self._flusher is None:
+            self._flusher = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="xenswap-flush")
+        return self._flusher.submit(self._persist, job)
+
+    def _persist(self, job: FlushJob) -> None:
+        """In the flush thread: data first (fsync), then the map clusters in one transaction."""
+        db = getattr(self._flusher_db, "db", None)
+        if db is None:
+            db = self._flusher_db.db = sqlite3.connect(self.root / "meta.sqlite3", isolation_level=None,
+                                                       timeout=30, check_same_thread=False)
+            db.execute("PRAGMA synchronous=FULL")
+        if job.disk.broken is not None:
+            raise StorageError(f"{job.disk.name}: an earlier flush failed ({job.disk.broken}); reopen the disk")
+        try:
+            if not job.rows and not job.gone:
+                return  # nothing new: FIFO order alone guarantees earlier flushes are done
+            os.fsync(job.fd)
+            db.execute("BEGIN IMMEDIATE")
+            try:
+                db.executemany("INSERT OR REPLACE INTO clusters (layer, cidx, entries) VALUES (?, ?, ?)", job.rows)
+                db.executemany("DELETE FROM clusters WHERE layer = ? AND cidx = ?", job.gone)
+                db.execute("INSERT OR IGNORE INTO layer_files (layer, file) VALUES (?, ?)", (job.layer, job.layer))
+                db.execute("COMMIT")
+            except BaseException:
+                db.execute("ROLLBACK")
+                raise
+        except BaseException as exc:
+            # Like a database after a failed fsync: nothing after this point can be promised durable.
+            job.disk.broken = exc
+            raise
 
     # -- objects ---------------------------------------------------------------------------------------
     def get(self, name: str) -> ObjectInfo:
@@ -675,6 +730,7 @@ class Disk:
             used = {entry[2] for _, entry in self.active.entries() if entry[0] == self.active_layer}
             self.free = [i for i in range(self.append_index - 1, -1, -1) if i not in used]
         self.writes_since_flush = 0
+        self.broken: BaseException | None = None  # set when a flush failed: nothing is promised after it
 
     # -- lookups ----------------------------------------------------------------------------------------
     def _fd(self, file_id: int) -> int:
@@ -796,6 +852,8 @@ class Disk:
     def _require_writable(self) -> None:
         if not self.writable:
             raise StorageError(f"{self.name!r} is read-only")
+        if self.broken is not None:
+            raise StorageError(f"{self.name}: an earlier flush failed ({self.broken}); reopen the disk")
 
     def write(self, offset: int, data: bytes | bytearray | memoryview) -> None:
         self._require_writable()
@@ -899,11 +957,14 @@ class Disk:
                 self._release(old)
         self.writes_since_flush += 1
 
-    def flush(self) -> None:
-        """Make every completed write durable: data first (fsync), then the map entries (one transaction)."""
-        if not self.writable or not self.dirty:
-            return
-        os.fsync(self.append_fd)  # type: ignore[arg-type]
+    def begin_flush(self) -> FlushJob | None:
+        """Snapshot what the next flush must persist and hand it to the flush thread (returns None for a
+        read-only disk). Blocks written so far count as covered; any of them freed from now on is reusable
+        only after a later flush, since this one's map may still name it."""
+        if not self.writable:
+            return None
+        if self.broken is not None:
+            raise StorageError(f"{self.name}: an earlier flush failed ({self.broken}); reopen the disk")
         rows = []
         gone = []
         for cidx in sorted(self.dirty):
@@ -912,22 +973,33 @@ class Disk:
                 gone.append((self.active_layer, cidx))
             else:
                 rows.append((self.active_layer, cidx, blob))
-        db = self.store.db
-        db.execute("BEGIN IMMEDIATE")
-        try:
-            db.executemany("INSERT OR REPLACE INTO clusters (layer, cidx, entries) VALUES (?, ?, ?)", rows)
-            db.executemany("DELETE FROM clusters WHERE layer = ? AND cidx = ?", gone)
-            db.execute("INSERT OR IGNORE INTO layer_files (layer, file) VALUES (?, ?)",
-                       (self.active_layer, self.active_layer))
-            db.execute("COMMIT")
-        except BaseException:
-            db.execute("ROLLBACK")
-            raise
-        self.dirty.clear()
-        self.free.extend(self.free_after_flush)
-        self.free_after_flush.clear()
-        self.unflushed.clear()
+        job = FlushJob(self, self.append_fd, self.active_layer, rows, gone, self.free_after_flush)  # type: ignore[arg-type]
+        self.dirty = set()
+        self.free_after_flush = []
+        self.unflushed = set()
         self.writes_since_flush = 0
+        return job
+
+    def end_flush(self, job: FlushJob) -> None:
+        """After the flush thread committed ``job`` (on the owner's thread)."""
+        self.free.extend(job.freed_after)
+
+    def submit_flush(self) -> concurrent.futures.Future[None] | None:
+        job = self.begin_flush()
+        if job is None:
+            return None
+        future = self.store.submit_flush(job)
+        future.job = job  # type: ignore[attr-defined]
+        return future
+
+    def flush(self) -> None:
+        """Make every completed write durable: data first (fsync), then the map entries (one transaction).
+        Waits for the flush thread (the CLI and tests use this; the NBD server awaits the future instead)."""
+        future = self.submit_flush()
+        if future is None:
+            return
+        future.result()
+        self.end_flush(future.job)  # type: ignore[attr-defined]
 
     # -- status -----------------------------------------------------------------------------------------
     def extents(self, offset: int, length: int, context: str, limit: int = 1024) -> list[tuple[int, int]]:
