@@ -1,4 +1,5 @@
-"""Rig tier: real QEMU guests attached to a topology, and the delay test where netem exists (nested Xen dom0)."""
+"""Rig tier: real QEMU guests attached to a topology. The delay and VLAN tests need netem and 802.1Q, which only
+Debian's kernel has: they are marked dom0 and run inside the nested Xen rig by tests/rig/test_nested_xen.py."""
 
 from __future__ import annotations
 
@@ -77,29 +78,3 @@ def test_a_packet_for_a_guest_is_held_until_released(guests) -> None:
     rtt = float(out.split("time=")[1].split()[0])
     assert rtt >= 1000, out
 
-
-def test_three_router_delays_in_the_nested_xen_dom0() -> None:
-    """netem and 8021q exist only in Debian's kernel: run the dom0-marked delay and VLAN tests inside the
-    nested Xen rig.
-
-    The rig's dom0 loads bridge and sch_netem; veth and sch_tbf are not in its module list, so they are copied
-    in from the same Debian kernel package and loaded first."""
-    from xenswap import debs
-    from xenswap.rig import Rig
-
-    tree = debs.fetch_tree([debs.kernel_package()])[debs.kernel_package()]
-    modules = [next(tree.glob(f"lib/modules/*/kernel/{path}")) for path in
-               ("drivers/net/veth.ko", "net/sched/sch_tbf.ko")]
-    rig = Rig.boot(timeout=300)
-    try:
-        for module in modules:
-            rig.copy_in(module, f"/tmp/{module.name}")
-            name = module.name.removesuffix(".ko")
-            rc, out = rig.run(f"grep -q '^{name} ' /proc/modules || insmod /tmp/{module.name}", timeout=60)
-            assert rc == 0, out
-        rc, out = rig.run("python3 -m pytest -p no:cacheprovider -q -s -rfE -m dom0 tests/net/test_net_build.py "
-                          "-k 'three_router_rtt or vlans'", timeout=300)
-        print(out[-1500:])
-    finally:
-        rig.shutdown()
-    assert rc == 0 and "2 passed" in out, out[-3000:]

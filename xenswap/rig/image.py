@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import gzip
 import hashlib
+import importlib.metadata
 import json
 import os
 import shutil
@@ -51,7 +52,7 @@ XEN_PACKAGES = [
 DOM0_MODULES = [
     "xen-evtchn", "xen-privcmd", "xenfs", "xen-gntdev", "xen-gntalloc", "xen-blkback", "xen-netback",
     "virtio_pci", "virtio_console", "9pnet_virtio", "9p",
-    "bridge", "tun", "sch_netem", "8021q", "loop",
+    "bridge", "veth", "tun", "sch_netem", "sch_tbf", "8021q", "loop",
 ]
 
 # Host libraries found through readelf that the dom0 binaries need, plus the ones loaded with dlopen that
@@ -66,10 +67,10 @@ PYTHON_STDLIB_SKIP = {
     "test", "idlelib", "tkinter", "turtledemo", "ensurepip", "lib2to3", "pydoc_data", "venv",
     "config-3.11-x86_64-linux-gnu", "distutils", "unittest/test", "ctypes/test", "sqlite3/test",
 }
-SITE_PACKAGES_SKIP_PREFIXES = (
-    "Cython", "cython", "pyximport", "pip", "setuptools", "_distutils_hack", "distutils-precedence", "wheel",
-    "ruff", "hypothesis", "_hypothesis", "__editable__", "xenswap", "sortedcontainers",
-)
+# Python distributions dom0 gets (with their dependencies, followed through the installed metadata): the
+# project's own runtime dependencies (so `xenswap` runs there) and the test runner. Anything else in the venv
+# (benchmark plotting, build tools) stays out of the initramfs.
+DOM0_EXTRA_DISTRIBUTIONS = ["pytest", "pytest-timeout"]
 
 XEN_BIN = "/usr/lib/xen-4.17/bin"
 DOM0_LD_PATH = "/usr/lib/x86_64-linux-gnu:/usr/lib/xen-4.17/lib/x86_64-linux-gnu"
@@ -111,6 +112,38 @@ def hypervisor_elf(tree: Path, version: str) -> Path:
     return target
 
 
+def _requirement_name(spec: str) -> str | None:
+    """Distribution name of a Requires-Dist line, None if its marker excludes it here (an extra, an older
+    Python)."""
+    from packaging.requirements import Requirement  # pytest's own dependency, so always in the venv
+
+    requirement = Requirement(spec)
+    if requirement.marker is not None and not requirement.marker.evaluate({"extra": ""}):
+        return None
+    return requirement.name
+
+
+def dom0_distributions() -> list[importlib.metadata.Distribution]:
+    """The installed distributions dom0 needs: xenswap's runtime requirements plus the test runner, and
+    everything they require in turn (sorted by name, each once)."""
+    wanted = [n for n in (_requirement_name(r) for r in (importlib.metadata.requires("xenswap") or [])) if n]
+    wanted += DOM0_EXTRA_DISTRIBUTIONS
+    found: dict[str, importlib.metadata.Distribution] = {}
+    while wanted:
+        name = wanted.pop()
+        key = name.lower().replace("-", "_").replace(".", "_")
+        if key in found:
+            continue
+        try:
+            dist = importlib.metadata.distribution(name)
+        except importlib.metadata.PackageNotFoundError:
+            raise XenswapError(f"Python package {name} (needed in the rig's dom0) is not installed: run make setup"
+                               ) from None
+        found[key] = dist
+        wanted += [n for n in (_requirement_name(r) for r in (dist.requires or [])) if n]
+    return [found[k] for k in sorted(found)]
+
+
 def site_packages() -> Path:
     """The site-packages of the interpreter running xenswap (the project venv): the Python dependencies the
     dom0 tests need are copied from there, so dom0 runs the same versions as the host."""
@@ -128,7 +161,6 @@ def _source_digest(paths: Iterable[Path]) -> str:
 def recipe(pkg_versions: dict[str, str]) -> dict:
     """Everything the initramfs content depends on; its hash names the cache entry."""
     here = Path(__file__).parent
-    site = site_packages()
     return {
         "recipe_version": RECIPE_VERSION,
         "packages": pkg_versions,
@@ -137,7 +169,7 @@ def recipe(pkg_versions: dict[str, str]) -> dict:
         "python": sys.version,
         "python_stat": _stat_key(Path("/usr/bin/python3.11")),
         "busybox": _stat_key(Path("/bin/busybox")),
-        "site_packages": sorted(p.name for p in site.glob("*.dist-info") if not _skip_site_entry(p.name)),
+        "distributions": [f"{d.metadata['Name']}=={d.version}" for d in dom0_distributions()],
         "libc": os.confstr("CS_GNU_LIBC_VERSION"),
     }
 
@@ -148,10 +180,6 @@ def _stat_key(path: Path) -> str:
     except OSError:
         return "missing"
     return f"{st.st_size}:{int(st.st_mtime)}"
-
-
-def _skip_site_entry(name: str) -> bool:
-    return name.startswith(SITE_PACKAGES_SKIP_PREFIXES)
 
 
 def build_rig_image(force: bool = False) -> RigImage:
@@ -189,7 +217,17 @@ def build_rig_image(force: bool = False) -> RigImage:
         (partial / "recipe.json").write_text(json.dumps(rec, indent=2, sort_keys=True) + "\n")
         shutil.rmtree(out_dir, ignore_errors=True)
         partial.rename(out_dir)
+        _prune_old_images(keep=3)
     return RigImage(xen, kernel, initrd, recipe_hash, kernel_version, xen_version)
+
+
+def _prune_old_images(keep: int) -> None:
+    """Drop all but the ``keep`` newest dom0 images (~80 MB each; a running rig has its copy in QEMU's memory
+    already, so removing the file under it is harmless)."""
+    images = sorted((cache_dir() / "rig").glob("dom0-*"), key=lambda p: p.stat().st_mtime, reverse=True)
+    for old in images[keep:]:
+        if not old.name.endswith(".partial"):
+            shutil.rmtree(old, ignore_errors=True)
 
 
 def candidate_versions(packages: list[str]) -> dict[str, str]:
@@ -350,13 +388,15 @@ class Dom0Root:
         (self.root / "usr/bin/python3").symlink_to("python3.11")
         site_dst = self.root / "usr/lib/python3/dist-packages"
         site_dst.mkdir(parents=True)
-        for entry in sorted(site_packages().iterdir()):
-            if _skip_site_entry(entry.name) or entry.name.endswith(".pth"):
-                continue
-            if entry.is_dir():
-                shutil.copytree(entry, site_dst / entry.name, symlinks=False)
-            else:
-                shutil.copy2(entry, site_dst / entry.name)
+        for dist in dom0_distributions():
+            for rel in dist.files or []:
+                if rel.parts[0] == ".." or rel.suffix == ".pth":
+                    continue  # console scripts outside site-packages, editable-install hooks
+                src = Path(dist.locate_file(rel))
+                if src.is_file():
+                    target = site_dst / rel
+                    target.parent.mkdir(parents=True, exist_ok=True)
+                    shutil.copy2(src, target)
 
     def _modules(self) -> None:
         base = self.kernel_tree / "lib" / "modules" / self.kernel_version
@@ -397,6 +437,8 @@ class Dom0Root:
         for d in local_dirs:
             if d.is_dir():
                 present.update(p.name for p in d.iterdir())
+        # libraries vendored in wheels (pkg.libs/, found through the extension's RUNPATH)
+        present.update(p.name for p in (self.root / "usr/lib/python3/dist-packages").rglob("*.so*"))
         pending = [p for p in self.root.rglob("*") if p.is_file() and not p.is_symlink() and is_elf(p)]
         pending += [self._copy_host_lib(name) for name in DLOPENED_LIBS if name not in present]
         present.update(DLOPENED_LIBS)
