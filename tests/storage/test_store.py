@@ -130,6 +130,7 @@ def test_reference_counts_and_rm(store: Store) -> None:
 def test_open_disk_is_locked_against_cli_changes(store: Store) -> None:
     store.branch("vm", "base")
     disk = store.open("vm")
+    store.CLOSE_GRACE_SECONDS = 0.2  # a CLI command waits this long for a closing server, then refuses
     with pytest.raises(InUse, match="disconnect"):
         store.snapshot("vm", "s")
     disk.close()

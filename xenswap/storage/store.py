@@ -377,18 +377,28 @@ class Store:
         self.db.executemany("INSERT INTO layer_files (layer, file) VALUES (?, ?)", [(layer, f) for f in files])
         return layer
 
-    def lock_disk(self, name: str, wait: bool = False) -> int:
-        """An exclusive lock on a disk: a server holds it while it has the disk open read-write."""
+    # A server closes a disk (flush, then unlock) just after its last client disconnects: a command run right
+    # after that client exits waits this long for the lock instead of failing on the server's tail end.
+    CLOSE_GRACE_SECONDS = 5.0
+
+    def lock_disk(self, name: str, grace: float | None = None) -> int:
+        """An exclusive lock on a disk: a server holds it while it has the disk open read-write. Waits up to
+        ``grace`` seconds (default CLOSE_GRACE_SECONDS) for a closing server to let go."""
+        deadline = time.monotonic() + (self.CLOSE_GRACE_SECONDS if grace is None else grace)
         fd = os.open(self.root / "locks" / f"{name}.lock", os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
-        except BlockingIOError:
-            os.close(fd)
-            raise InUse(
-                f"disk {name!r} is open in a running `xenswap disk serve` (a client is connected); "
-                "disconnect its clients first"
-            ) from None
-        return fd
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                return fd
+            except BlockingIOError:
+                if time.monotonic() < deadline:
+                    time.sleep(0.05)
+                    continue
+                os.close(fd)
+                raise InUse(
+                    f"disk {name!r} is open in a running `xenswap disk serve` (a client is connected); "
+                    "disconnect its clients first"
+                ) from None
 
     def _freeze_disk(self, info: ObjectInfo) -> int:
         """Flatten base + active of a disk into a new frozen layer; the disk continues on it with an empty
@@ -700,7 +710,7 @@ class Disk:
         self.block_size = info.block_size
         self.shift = self.block_size.bit_length() - 1
         self.writable = writable and info.kind == "disk"
-        self.lock_fd = store.lock_disk(info.name) if self.writable else None
+        self.lock_fd = store.lock_disk(info.name, grace=0) if self.writable else None
         # Re-read: the object may have changed between get() and taking the lock.
         info = self.info = store.get(info.name)
         self.golden = Golden(store.golden_path(info.golden), self.block_size,
