@@ -1,8 +1,8 @@
 """The manager: applies the policy to every domain continuously, and the main job (``xenswap demo``).
 
 Thin on purpose: the decisions come from the engines in xenswap.core, the actions from the hypervisor
-port. What the manager learns each tick (resident MiB, working-set MiB, idle since) is published to an
-embedded store so that ``xenswap list`` in another shell shows it too.
+port. What the policy engine learns each tick (resident MiB, working-set MiB, idle since) lives in its embedded
+state store, which ``xenswap list`` in another shell reads too.
 """
 
 from __future__ import annotations
@@ -14,17 +14,15 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 
-from xenswap.figures import DomainFigures
 from xenswap.hv import select_hypervisor
 from xenswap.hv.base import DomainInfo, Hypervisor
 
 
 @dataclass
 class Manager:
-    """One manager loop over one port. ``engine`` is the policy engine from xenswap.core (optional)."""
+    """One manager loop over one port. ``engine`` is the policy engine from xenswap.core (None: watch only)."""
 
     hv: Hypervisor
-    figures: DomainFigures
     engine: object | None = None
 
     def tick(self) -> list[DomainInfo]:
@@ -33,16 +31,19 @@ class Manager:
         domains = self.hv.list_domains()
         if self.engine is not None:
             domains = self.engine.annotate(domains)  # type: ignore[attr-defined]
-        self.figures.publish(self.hv.name, domains)
         return domains
+
+    def close(self) -> None:
+        """Stop the engine's wake source (its packet-watching thread and queue rules)."""
+        waker = getattr(self.engine, "waker", None)
+        if waker is not None and hasattr(waker, "close"):
+            waker.close()
 
 
 def _policy_engine(hv: Hypervisor) -> object | None:
-    """The paging policy engine when this port has memory mechanisms (issue 3); None keeps a watch-only loop."""
-    try:
-        from xenswap.core.policy import engine_for  # type: ignore[attr-defined]
-    except ImportError:
-        return None
+    """The paging policy engine when this port has memory mechanisms; None keeps a watch-only loop."""
+    from xenswap.core.policy import engine_for
+
     return engine_for(hv)
 
 
@@ -100,12 +101,14 @@ def run_manager(manager: Manager, interval: float, duration: float | None, live:
 
 def cmd_daemon(args: argparse.Namespace) -> int:
     hv = select_hypervisor(args.hv)
-    manager = Manager(hv, DomainFigures(), _policy_engine(hv))
+    manager = Manager(hv, _policy_engine(hv))
     try:
         with _stop_on_signals():
             run_manager(manager, args.interval, args.duration, live=args.live, title=f"xenswap ({hv.name})")
     except (KeyboardInterrupt, _Stop):
         pass
+    finally:
+        manager.close()
     return 0
 
 
@@ -148,6 +151,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     image = build_guest_image()
     hv = open_hypervisor()
     vms: list[QemuVM] = []
+    manager: Manager | None = None
     try:
         with _stop_on_signals(), HostBridge(DEMO_BRIDGE, f"{DEMO_NET}.1/24"):
             for i in range(args.guests):
@@ -157,11 +161,13 @@ def cmd_demo(args: argparse.Namespace) -> int:
                         gateway=f"{DEMO_NET}.1", bridge=DEMO_BRIDGE, wait_up=False,
                     )
                 )
-            manager = Manager(hv, DomainFigures(), _policy_engine(hv))
+            manager = Manager(hv, _policy_engine(hv))
             run_manager(manager, args.interval, args.duration, live=not args.no_live, title="xenswap demo (QEMU/TCG)")
     except (KeyboardInterrupt, _Stop):
         pass
     finally:
+        if manager is not None:
+            manager.close()
         for vm in vms:
             with contextlib.suppress(Exception):
                 vm.destroy()

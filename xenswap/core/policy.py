@@ -418,7 +418,8 @@ def fill_domain_info(domains: list, store: StateStore | None = None) -> list:
     for dom in domains:
         f = figures.get(dom.name)
         if f:
-            dom.resident_mib = f["resident_mib"]
+            # a port that measures residency itself (QEMU: the RAM mapping now) beats the last tick's figure
+            dom.resident_mib = dom.resident_mib if dom.resident_mib is not None else f["resident_mib"]
             dom.wss_mib = f["wss_mib"]
             dom.idle_since = f["idle_since"]
     return domains

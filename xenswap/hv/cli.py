@@ -6,7 +6,7 @@ import argparse
 import time
 
 from xenswap.cli import print_json, print_table
-from xenswap.figures import DomainFigures
+from xenswap.core.policy import fill_domain_info
 from xenswap.hv import select_hypervisor
 
 HEADERS = ["Name", "ID", "Mem", "VCPUs", "State", "Time(s)", "Res(MiB)", "WSS(MiB)", "Idle(s)"]
@@ -19,7 +19,7 @@ def _fmt(value: float | None, digits: int = 1) -> str | None:
 def cmd_list(args: argparse.Namespace) -> int:
     hv = select_hypervisor(args.hv)
     domains = [hv.lookup(ref) for ref in args.domains] if args.domains else hv.list_domains()
-    domains = DomainFigures().fill(hv.name, domains)
+    domains = fill_domain_info(domains)  # the manager's figures, from its state store
     if args.json:
         print_json([d.to_json() for d in domains])
         return 0
