@@ -16,7 +16,7 @@ run: setup
 test: setup
 	$(VENV)/bin/ruff check xenswap tests bench
 	$(PYTEST) -m "not rig" tests
-	$(PYTEST) -m rig tests
+	$(PYTEST) -m rig -v -rA --durations=15 tests
 
 test-fast: setup
 	$(PYTEST) -m "not rig" tests
@@ -28,6 +28,7 @@ lint: setup
 	$(VENV)/bin/ruff check xenswap tests bench
 
 bench: setup
+	$(VENV)/bin/pip install -q -e '.[test,bench]'
 	for b in bench/bench_*.py; do $(PY) $$b || exit 1; done
 
 clean:
