@@ -22,7 +22,13 @@ def _guest_env(rig) -> dict[str, str]:
 def cmd_boot(args: argparse.Namespace) -> int:
     from xenswap.rig import Rig
 
-    rig = Rig.boot(xen_path=args.xen_path, timeout=args.timeout, detach=True, smp=args.smp,
+    if args.xen == "patched" and args.xen_path is None:
+        from xenswap.rig.rig import patched_hypervisor
+
+        args.xen_path = patched_hypervisor()  # builds (cached) first
+        print(f"patched hypervisor: {args.xen_path}")
+    rig = Rig.boot(xen=args.xen, xen_path=args.xen_path, timeout=args.timeout, detach=True, smp=args.smp,
+                   state_dir=args.state_dir,
                    memory_mib=args.memory, dom0_mem_mib=args.dom0_mem)
     if args.guest_image:
         try:
@@ -30,7 +36,8 @@ def cmd_boot(args: argparse.Namespace) -> int:
         except BaseException:
             rig.shutdown()
             raise
-    print(f"rig up in {rig.boot_seconds:.1f} s (QEMU pid {rig.pid}, serial log {rig.serial_log}); "
+    print(f"rig up in {rig.boot_seconds:.1f} s with {args.xen_path or 'stock'} hypervisor (QEMU pid {rig.pid}, "
+          f"serial log {rig.serial_log}); "
           f"'xenswap rig run CMD' runs in dom0, 'xenswap rig stop' ends it")
     return 0
 
@@ -43,7 +50,7 @@ def _stream(chunk: bytes) -> None:
 def cmd_run(args: argparse.Namespace) -> int:
     from xenswap.rig import Rig
 
-    rig = Rig.attach()
+    rig = Rig.attach(args.state_dir)
     rc, _out = rig.run(" ".join(args.cmd), timeout=args.timeout, cwd=args.cwd, on_output=_stream)
     return rc
 
@@ -52,7 +59,7 @@ def cmd_shell(args: argparse.Namespace) -> int:
     """A line-at-a-time shell: each line runs as its own command in dom0 (no tty: no full-screen programs)."""
     from xenswap.rig import Rig
 
-    rig = Rig.attach()
+    rig = Rig.attach(args.state_dir)
     rc = 0
     while True:
         if sys.stdin.isatty():
@@ -71,7 +78,7 @@ def cmd_stop(args: argparse.Namespace) -> int:
     from xenswap.rig import Rig, RigNotRunning
 
     try:
-        rig = Rig.attach()
+        rig = Rig.attach(args.state_dir)
     except RigNotRunning:
         print("no rig running")
         return 0
@@ -83,7 +90,7 @@ def cmd_stop(args: argparse.Namespace) -> int:
 def cmd_status(args: argparse.Namespace) -> int:
     from xenswap.rig.rig import _pid_is_rig, _read_state, default_state_dir
 
-    state_dir = default_state_dir()
+    state_dir = args.state_dir or default_state_dir()
     state = _read_state(state_dir) or {}
     running = bool(state) and _pid_is_rig(int(state.get("pid", 0)), state_dir)
     status = {
@@ -92,6 +99,7 @@ def cmd_status(args: argparse.Namespace) -> int:
         "uptime_s": round(time.time() - state["started"], 1) if running and "started" in state else None,
         "boot_seconds": state.get("boot_seconds"),
         "xen": state.get("xen"),
+        "xen_kind": state.get("xen_kind"),
         "state_dir": str(state_dir),
         "env": state.get("env") or {},
     }
@@ -119,6 +127,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     rsub = rig.add_subparsers(dest="rig_command", metavar="ACTION", required=True)
 
     p = rsub.add_parser("boot", help="boot a rig in the background and wait for dom0")
+    p.add_argument("--xen", choices=["stock", "patched"], default="stock",
+                   help="Debian's hypervisor (default) or ours from hypervisor-patches/ (built first if not cached)")
     p.add_argument("--xen-path", type=Path, default=None, help="boot this hypervisor ELF instead of Debian's")
     p.add_argument("--timeout", type=float, default=300.0, help="seconds to wait for dom0 (default 300)")
     p.add_argument("--smp", type=int, default=2)
@@ -126,24 +136,29 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--dom0-mem", type=int, default=1024, help="MiB for dom0")
     p.add_argument("--no-guest-image", dest="guest_image", action="store_false",
                    help="do not build the tiny guest image for dom0 (XENSWAP_GUEST_KERNEL/INITRD)")
+    p.add_argument("--state-dir", type=Path, default=None, help="the rig's state folder (default: run dir/rig)")
     p.set_defaults(handler=cmd_boot)
 
     p = rsub.add_parser("run", help="run a shell command in dom0 (cwd: the checkout); exits with its status")
     p.add_argument("cmd", nargs=argparse.REMAINDER, metavar="CMD")
     p.add_argument("--timeout", type=float, default=600.0)
     p.add_argument("--cwd", default="/mnt/checkout")
+    p.add_argument("--state-dir", type=Path, default=None, help="the rig's state folder (default: run dir/rig)")
     p.set_defaults(handler=cmd_run)
 
     p = rsub.add_parser("shell", help="read commands from stdin, run each in dom0")
     p.add_argument("--timeout", type=float, default=600.0)
     p.add_argument("--cwd", default="/mnt/checkout")
+    p.add_argument("--state-dir", type=Path, default=None, help="the rig's state folder (default: run dir/rig)")
     p.set_defaults(handler=cmd_shell)
 
     p = rsub.add_parser("stop", help="stop the background rig")
+    p.add_argument("--state-dir", type=Path, default=None, help="the rig's state folder (default: run dir/rig)")
     p.set_defaults(handler=cmd_stop)
 
     p = rsub.add_parser("status", help="is a rig running (exit 3 if not)")
     p.add_argument("--json", action="store_true")
+    p.add_argument("--state-dir", type=Path, default=None, help="the rig's state folder (default: run dir/rig)")
     p.set_defaults(handler=cmd_status)
 
     p = rsub.add_parser("image", help="build (cached) and show the rig's boot files")

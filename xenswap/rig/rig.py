@@ -23,6 +23,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -80,9 +81,31 @@ def tail(path: Path, lines: int = 40) -> str:
     return "\n".join(text.splitlines()[-lines:])
 
 
+XEN_KINDS = ("stock", "patched")
+
+
+def patched_hypervisor(check_only: bool = False) -> Path:
+    """The patched Xen 4.17 hypervisor ELF (hypervisor-patches/: paging, sharing, our two patches), built by
+    ``hypervisor-patches/xenbuild.py`` when its cache has no build for the current patches (about 2.5 minutes
+    on two cores; needs root for apt and setup/apt-xenbuild.txt). The build's progress goes to stderr.
+
+    With ``check_only`` nothing is built: RigError if the build is not cached yet."""
+    recipe = checkout_root() / "hypervisor-patches" / "xenbuild.py"
+    args = [sys.executable, str(recipe), "--json"] + (["--check"] if check_only else [])
+    proc = subprocess.run(args, stdout=subprocess.PIPE, text=True)
+    if proc.returncode != 0:
+        raise RigError(f"building the patched hypervisor failed ({' '.join(args)} exited {proc.returncode}; "
+                       "its error is on stderr above)")
+    info = json.loads(proc.stdout)
+    elf = Path(info["dir"]) / "xen"
+    if not elf.is_file():
+        raise RigError(f"the patched hypervisor {info['key']} is not built yet ({elf} missing)")
+    return elf
+
+
 @dataclass
 class BootConfig:
-    xen: str = "stock"  # which hypervisor: "stock" is Debian's; a path-like xen_path overrides it
+    xen: str = "stock"  # which hypervisor: "stock" is Debian's, "patched" ours; a path-like xen_path overrides it
     xen_path: Path | None = None  # a different hypervisor ELF (e.g. a patched build)
     memory_mib: int = 2048
     dom0_mem_mib: int = 1024
@@ -222,6 +245,7 @@ class Rig:
     ) -> Rig:
         """Build (cached) and boot the rig; returns once dom0 answers on the command channel.
 
+        ``xen="patched"`` boots our patched build (built first if not cached, see patched_hypervisor);
         ``xen_path`` boots a different hypervisor ELF instead of Debian's (``xen="stock"``). ``detach`` leaves
         QEMU running after this process exits (``xenswap rig boot``). Raises RigBootTimeout with the tail of
         the serial log when dom0 does not come up within ``timeout`` seconds.
@@ -229,8 +253,10 @@ class Rig:
         if shutil.which(QEMU) is None:
             raise MissingTool(QEMU, "qemu-system-x86")
         config = config or BootConfig(xen=xen, xen_path=Path(xen_path) if xen_path else None, **overrides)
-        if config.xen != "stock" and config.xen_path is None:
-            raise RigError(f"unknown hypervisor {config.xen!r}: use xen='stock' or pass xen_path=")
+        if config.xen not in XEN_KINDS and config.xen_path is None:
+            raise RigError(f"unknown hypervisor {config.xen!r}: use xen='stock' or 'patched', or pass xen_path=")
+        if config.xen == "patched" and config.xen_path is None:
+            config.xen_path = patched_hypervisor()
         if config.xen_path is not None and not config.xen_path.is_file():
             raise RigError(f"hypervisor image {config.xen_path} does not exist (build it first, or boot xen='stock')")
         image = build_rig_image()
@@ -251,6 +277,7 @@ class Rig:
         rig = cls(state_dir, process.pid, process)
         rig._write_state({
             "pid": process.pid, "started": time.time(), "command": cmd, "xen": str(xen_elf),
+            "xen_kind": "path" if config.xen_path and config.xen != "patched" else config.xen,
             "recipe_hash": image.recipe_hash, "ready": False,
         })
         try:
