@@ -70,7 +70,7 @@ PYTHON_STDLIB_SKIP = {
 # Python distributions dom0 gets (with their dependencies, followed through the installed metadata): the
 # project's own runtime dependencies (so `xenswap` runs there) and the test runner. Anything else in the venv
 # (benchmark plotting, build tools) stays out of the initramfs.
-DOM0_EXTRA_DISTRIBUTIONS = ["pytest", "pytest-timeout"]
+DOM0_EXTRA_DISTRIBUTIONS = ["pytest", "pytest-timeout", "hypothesis"]  # hypothesis: test modules import it
 
 XEN_BIN = "/usr/lib/xen-4.17/bin"
 DOM0_LD_PATH = "/usr/lib/x86_64-linux-gnu:/usr/lib/xen-4.17/lib/x86_64-linux-gnu"
