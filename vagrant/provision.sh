@@ -14,8 +14,9 @@ bash setup/install.sh
 ln -sf "$src/.venv/bin/xenswap" /usr/local/sbin/xenswap
 
 # The patched hypervisor (UNSUPPORTED + MEM_PAGING + MEM_SHARING and our patch series), cached by its inputs.
-xen_gz=$(bash hypervisor-patches/build.sh | tail -n 1)
-install -m 0644 "$xen_gz" /boot/xen-4.17-xenswap.gz
+# build.sh prints the build's output folder on its last line (xen.gz, xen-syms, config, build-info.json).
+xen_build=$(bash hypervisor-patches/build.sh | tail -n 1)
+install -m 0644 "$xen_build/xen.gz" /boot/xen-4.17-xenswap.gz
 # Boot it by default; dom0 keeps 2 GiB, the rest is for guests. HAP without IOMMU is what Xen's paging needs.
 cat > /etc/default/grub.d/xenswap.cfg <<'CFG'
 GRUB_DEFAULT="Debian GNU/Linux, with Xen hypervisor"
