@@ -3,7 +3,8 @@
 Ours (xenswap.net: one topology of N LANs with one host each, built with pyroute2) against the anchor, a
 shell script of `ip` commands doing the same, in one run; prints the times, the ratios and the memory the
 networks take in the kernel (slab + per-CPU; times are the best of the rounds, memory the mean).
-"Down" ends when the kernel has really removed the devices (not just when a call returned).
+"Down" ends when the kernel has really removed the devices and the namespaces (not just when a call
+returned): see kernel_caught_up().
 
     .venv/bin/python bench/bench_net.py            # N=500
     .venv/bin/python bench/bench_net.py --count 100
@@ -23,11 +24,14 @@ from pathlib import Path
 from pyroute2 import IPRoute
 
 from xenswap.net import build, kernel
+from xenswap.net.rtnl import Rtnl
 from xenswap.net.topology import parse
 
 ANCHOR_NS = "xsbench-ip-"
 ANCHOR_BR = "xsbenchb"
 ANCHOR_VETH = "xsbenchv"
+CANARY_NS = "xsbench-canary"
+CANARY_VETH = "xsbenchc"
 
 
 def address(i: int) -> str:
@@ -78,6 +82,30 @@ def host_links(prefix: str) -> int:
         return sum(1 for m in ipr.get_links() if (m.get_attr("IFLA_IFNAME") or "").startswith(prefix))
 
 
+def kernel_caught_up() -> None:
+    """Wait until the kernel has finished tearing down every namespace unnamed before this call.
+
+    `ip netns del` (and our destroy) only drop the bind mount; the kernel frees a namespace and the devices
+    in it later, in cleanup_net on the ordered "netns" workqueue, which takes the whole list of dying
+    namespaces at once and runs the batches one after another. So a canary namespace unnamed after ours,
+    with a veth whose other end sits in the host, loses that host end no earlier than our namespaces lose
+    their devices. (Holding an fd on one of the namespaces to watch it would keep it alive: the fd is a
+    reference. Measured: with 200 namespaces the canary went 0.08 s after the last of them.)"""
+    sock = kernel.create_namespace_socket(CANARY_NS)
+    sock.close()
+    fd = os.open(kernel.ns_path(CANARY_NS), os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        root = Rtnl.here()
+        try:
+            root.add_veth(CANARY_VETH, "canary", fd)
+        finally:
+            root.close()
+    finally:
+        os.close(fd)
+    kernel.remove_namespace(CANARY_NS)
+    wait_for(lambda: host_links(CANARY_VETH) == 0)
+
+
 def run_ours(count: int) -> dict[str, float]:
     topology = parse(topology_text(count), features=kernel.probe())
     mem0 = kernel_kib()
@@ -92,6 +120,7 @@ def run_ours(count: int) -> dict[str, float]:
         started = time.perf_counter()
         build.destroy_topology("bench")
         wait_for(lambda: host_links(f"xs{naming.tid}b") + host_links(f"xs{naming.tid}p") == 0)
+        kernel_caught_up()
         down = time.perf_counter() - started
     return {"up": up, "down": down, "mem_kib": mem}
 
@@ -111,6 +140,7 @@ def run_anchor(count: int) -> dict[str, float]:
             started = time.perf_counter()
             subprocess.run(["bash", f"{tmp}/down.sh"], check=False, stderr=subprocess.DEVNULL)
             wait_for(lambda: host_links(ANCHOR_BR) + host_links(ANCHOR_VETH) == 0)
+            kernel_caught_up()
             down = time.perf_counter() - started
     return {"up": up, "down": down, "mem_kib": mem}
 
