@@ -8,6 +8,7 @@ returned): see kernel_caught_up().
 
     .venv/bin/python bench/bench_net.py            # N=500
     .venv/bin/python bench/bench_net.py --count 100
+    .venv/bin/python bench/bench_net.py --floor    # where teardown time goes: the kernel's cost per device kind
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from pyroute2 import IPRoute
 
 from xenswap.net import build, kernel
 from xenswap.net.rtnl import Rtnl
+from xenswap.net.store import GROUP_BASE, MAX_TID
 from xenswap.net.topology import parse
 
 ANCHOR_NS = "xsbench-ip-"
@@ -32,6 +34,9 @@ ANCHOR_BR = "xsbenchb"
 ANCHOR_VETH = "xsbenchv"
 CANARY_NS = "xsbench-canary"
 CANARY_VETH = "xsbenchc"
+FLOOR_NS = "xsbench-floor-"
+FLOOR_DEV = "xsbenchf"
+FLOOR_GROUP = GROUP_BASE + MAX_TID + 1  # outside the groups of topologies
 
 
 def address(i: int) -> str:
@@ -145,6 +150,81 @@ def run_anchor(count: int) -> dict[str, float]:
     return {"up": up, "down": down, "mem_kib": mem}
 
 
+def _floor_case(count: int, build_one, teardown) -> float:
+    """Build ``count`` objects, then time ``teardown`` until the kernel has removed them (kernel_caught_up)."""
+    root = Rtnl.here()
+    try:
+        for i in range(count):
+            build_one(root, i)
+    finally:
+        root.close()
+    settle()
+    started = time.perf_counter()
+    teardown()
+    wait_for(lambda: host_links(FLOOR_DEV) == 0)
+    kernel_caught_up()
+    return time.perf_counter() - started
+
+
+def _floor_namespace(name: str, bridge: bool) -> None:
+    fast = Rtnl(kernel.create_namespace_socket(name))
+    try:
+        fast.set_link("lo", up=True)
+        if bridge:
+            fast.add_link("br0", "bridge", data=[("IFLA_BR_MCAST_SNOOPING", 0)])
+            fast.set_link("br0", up=True)
+            fast.add_link("p0", "veth", master=fast.index("br0"),
+                          data=[("VETH_INFO_PEER", {"attrs": [("IFLA_IFNAME", "p1")]})])
+            fast.set_link("p0", up=True)
+    finally:
+        fast.close()
+
+
+def _delete_floor_group() -> None:
+    with IPRoute() as ipr:
+        if any(m.get_attr("IFLA_GROUP") == FLOOR_GROUP for m in ipr.get_links()):
+            ipr.link("del", group=FLOOR_GROUP)
+
+
+def _delete_floor_namespaces() -> None:
+    for name in kernel.list_namespaces():
+        if name.startswith(FLOOR_NS):
+            kernel.remove_namespace(name)
+
+
+def floor(count: int) -> None:
+    """What the kernel itself needs to remove ``count`` devices of each kind, timed until really gone.
+
+    A bridge's teardown ends in br_multicast_dev_del(), which calls rcu_barrier(): one RCU grace period per
+    bridge, under RTNL, whether the bridges go one request each, in one request by group, or in the kernel's
+    batched cleanup of dying namespaces (cleanup_net -> one unregister_netdevice_many for all of them)."""
+    def host_bridge(root: Rtnl, i: int) -> None:
+        root.add_link(f"{FLOOR_DEV}{i}", "bridge", group=FLOOR_GROUP, data=[("IFLA_BR_MCAST_SNOOPING", 0)])
+        root.set_link(f"{FLOOR_DEV}{i}", up=True)
+
+    def host_veth(root: Rtnl, i: int) -> None:
+        root.add_link(f"{FLOOR_DEV}{i}", "veth", group=FLOOR_GROUP,
+                      data=[("VETH_INFO_PEER", {"attrs": [("IFLA_IFNAME", f"{FLOOR_DEV}{i}p")]})])
+
+    cases = [
+        ("bridges in the host, one RTM_DELLINK by group", host_bridge, _delete_floor_group),
+        ("bridges (+ a veth port) each in its own namespace, namespaces unnamed",
+         lambda _root, i: _floor_namespace(f"{FLOOR_NS}{i}", bridge=True), _delete_floor_namespaces),
+        ("veth pairs in the host, one RTM_DELLINK by group", host_veth, _delete_floor_group),
+        ("empty namespaces (lo up), unnamed", lambda _root, i: _floor_namespace(f"{FLOOR_NS}{i}", bridge=False),
+         _delete_floor_namespaces),
+    ]
+    print(f"teardown floor, {count} of each, until the kernel has removed them; kernel {os.uname().release}")
+    for label, build_one, teardown in cases:
+        try:
+            seconds = _floor_case(count, build_one, teardown)
+        finally:
+            _delete_floor_group()  # nothing left behind if a case failed half-way
+            _delete_floor_namespaces()
+        print(f"  {label:72} {seconds:6.2f} s  {seconds / count * 1000:6.2f} ms each", flush=True)
+    settle()
+
+
 def settle() -> None:
     """Let the kernel finish freeing namespaces from the previous round before timing the next."""
     time.sleep(5.0)
@@ -154,10 +234,15 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--count", type=int, default=500)
     parser.add_argument("--rounds", type=int, default=1, help="alternate ours/anchor this many times")
+    parser.add_argument("--floor", action="store_true",
+                        help="only measure the kernel's teardown cost per device kind (bridges, veths, namespaces)")
     args = parser.parse_args()
     if os.geteuid() != 0:
         print("bench_net: run as root (it creates namespaces and devices)", file=sys.stderr)
         return 1
+    if args.floor:
+        floor(args.count)
+        return 0
     os.environ.setdefault("XENSWAP_STATE", tempfile.mkdtemp(prefix="xenswap-bench-net-"))
     print(f"{args.count} isolated networks (namespace + bridge + veth pair + address each), "
           f"{args.rounds} round(s); nproc={os.cpu_count()}, kernel {os.uname().release}")
