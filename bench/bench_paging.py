@@ -27,7 +27,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from xenswap.core.policy import Manager, engine_for, mechanism_factory_for
+from xenswap.core.policy import PAGED_OUT, Manager, engine_for, mechanism_factory_for
 from xenswap.hv.qemu import QemuVM, open_hypervisor
 from xenswap.hv.qemu.memory import range_digest, smaps_rollup
 from xenswap.hv.qemu.memory_events import http_get
@@ -124,12 +124,37 @@ def wait_phase(manager: Manager, name: str, phase: str, timeout: float = 10) -> 
         time.sleep(0.02)
 
 
-def bench_p2(mem: int, reps: int) -> dict:
+# Wake-up configurations of the paused scenarios: (persistent QMP connection for cont, host neighbour entry
+# pinned so the host does not ARP for the paused guest, waker thread at real-time priority, QEMU's own idle
+# working set kept resident).
+P2_CONFIGS = {
+    "before": (False, False, False, False),  # short QMP connection, host ARPs first, QEMU paged out too
+    "qmp": (True, False, False, False),
+    "qmp+pin": (True, True, False, False),
+    "qmp+pin+rt": (True, True, True, False),
+    "qmp+pin+rt+keep": (True, True, True, True),
+}
+DEFAULT_P2_CONFIGS = ("before", "qmp+pin", "qmp+pin+rt", "qmp+pin+rt+keep")
+
+
+def configure_wake(manager: Manager, config: str) -> None:
+    from xenswap.hv.qemu import vm as vm_module
+
+    persistent, pin, realtime, keep = P2_CONFIGS[config]
+    vm_module.use_persistent_monitors(persistent)
+    manager.waker.pin_neighbours = pin
+    if not manager.waker.waker.set_realtime(realtime) and realtime:
+        log("P2: cannot make the waker thread real-time (needs CAP_SYS_NICE)")
+    manager.config.keep_hypervisor_ws_paused = keep
+
+
+def bench_p2(mem: int, reps: int, configs: tuple[str, ...] = DEFAULT_P2_CONFIGS, restore: bool = True) -> dict:
     hv = open_hypervisor()
     subnet = f"10.{90 + os.getpid() % 30}.{os.getpid() % 250}"
     vm = QemuVM.create(f"{TAG}p2", mem_mib=mem, ip=f"{subnet}.2/24", timeout=300)
     manager = engine_for(hv)
     results: dict[str, dict[str, list[float]]] = {}
+    timelines: dict[str, dict[str, list[dict]]] = {}
 
     def record(scenario: str, metric: str, value: float) -> None:
         results.setdefault(scenario, {}).setdefault(metric, []).append(value)
@@ -160,18 +185,44 @@ def bench_p2(mem: int, reps: int) -> dict:
                 time.sleep(0.5)
                 record("working set (running)", metric, probe(vm.ip))
 
-                for label, prefetch in (("paged out + paused, prefetch", True),
-                                        ("paged out + paused, demand paging", False)):
-                    manager.waker.prefetch = prefetch
-                    manager.page_out(name, keep_ws=False)
-                    time.sleep(0.5)
-                    record(label, metric, probe(vm.ip))
-                    wait_phase(manager, name, "resident")
+                # Configurations in a different order each round: drift of the host's load hits all alike.
+                for config in configs[rep % len(configs):] + configs[:rep % len(configs)]:
+                    configure_wake(manager, config)
+                    for mode, prefetch in (("prefetch", True), ("demand paging", False)):
+                        label = f"paused [{config}], {mode}"
+                        manager.waker.prefetch = prefetch
+                        manager.page_out(name, keep_ws=False)
+                        time.sleep(0.5)
+                        manager.waker.wakes.clear()
+                        record(label, metric, probe(vm.ip))
+                        wait_phase(manager, name, "resident")
+                        if manager.waker.wakes:
+                            timelines.setdefault(label, {}).setdefault(metric, []).append(manager.waker.wakes[0])
+                    # back to resident for the next configuration (its page-out starts from the same state)
+                    manager.page_in(name, all_pages=True)
+                    range_digest(vm.pid, base, length)
                 manager.waker.prefetch = True
+                configure_wake(manager, configs[-1])
+                # The floor of any paused wake-up: paused, watched, nothing paged out (all of RAM mapped).
+                st = manager.state(name)
+                st.phase = PAGED_OUT
+                manager.store.save(st)
+                hv.pause(name)
+                manager._wake_plans[name] = manager._wake_plan(st)  # as page_out(pause) leaves it
+                manager.waker.watch(name)
+                time.sleep(0.5)
+                manager.waker.wakes.clear()
+                label = f"paused [{configs[-1]}], nothing paged out"
+                record(label, metric, probe(vm.ip))
+                wait_phase(manager, name, "resident")
+                if manager.waker.wakes:
+                    timelines.setdefault(label, {}).setdefault(metric, []).append(manager.waker.wakes[0])
 
-            record("QMP save + restore", "ping_ms", restore_ms(vm, "ping"))
-            record("QMP save + restore", "http_ms", restore_ms(vm, "http"))
-        return {"reps": reps, "mem_mib": mem, "scenarios": results}
+            if restore:
+                record("QMP save + restore", "ping_ms", restore_ms(vm, "ping"))
+                record("QMP save + restore", "http_ms", restore_ms(vm, "http"))
+        return {"reps": reps, "mem_mib": mem, "configs": list(configs), "scenarios": results,
+                "timelines": timelines}
     finally:
         manager.waker.close()
         vm.destroy()
@@ -341,17 +392,30 @@ def report(p1: dict | None, p2: dict | None) -> None:
         print(f"  ratio resident/managed   {p1['resident_kib_per_vm'] / p1['managed_kib_per_vm']:8.1f}x")
     if p2:
         s = p2["scenarios"]
-        print(f"P2: wake-to-reply, median of {p2['reps']} (ms)")
-        print(f"  {'scenario':40s} {'ping':>9s} {'http':>9s}")
+        print(f"P2: wake-to-reply, median of {p2['reps']} (ms), [min-max]")
+        print(f"  {'scenario':48s} {'ping':>20s} {'http':>20s}")
         for scenario, metrics in s.items():
-            ping, http = median(metrics.get("ping_ms", [])), median(metrics.get("http_ms", []))
-            print(f"  {scenario:40s} {ping:9.2f} {http:9.2f}")
-        pre, dem, res = (s["paged out + paused, prefetch"], s["paged out + paused, demand paging"], s["resident"])
+            cells = []
+            for metric in ("ping_ms", "http_ms"):
+                v = metrics.get(metric, [])
+                cells.append(f"{median(v):7.1f} [{min(v):5.1f}-{max(v):5.1f}]" if v else f"{'':20s}")
+            print(f"  {scenario:48s} {cells[0]:>20s} {cells[1]:>20s}")
+        res = s["resident"]
         rst = s.get("QMP save + restore", {})
-        for metric in ("ping_ms", "http_ms"):
-            print(f"  {metric[:-3]}: demand/prefetch {median(dem[metric]) / median(pre[metric]):.2f}x, "
-                  f"prefetch/resident {median(pre[metric]) / median(res[metric]):.2f}x, "
-                  f"restore/prefetch {median(rst.get(metric, [float('nan')])) / median(pre[metric]):.2f}x")
+        for config in p2.get("configs", []):
+            pre, dem = s[f"paused [{config}], prefetch"], s[f"paused [{config}], demand paging"]
+            for metric in ("ping_ms", "http_ms"):
+                print(f"  [{config}] {metric[:-3]}: demand/prefetch {median(dem[metric]) / median(pre[metric]):.2f}x, "
+                      f"prefetch/resident {median(pre[metric]) / median(res[metric]):.2f}x, "
+                      f"restore/prefetch {median(rst.get(metric, [float('nan')])) / median(pre[metric]):.2f}x")
+        print("  wake-up timeline, median ms after the frame reached the tap (waker saw it, state loaded, guest "
+              "prefetch, QEMU prefetch, resumed):")
+        for label, by_metric in p2.get("timelines", {}).items():
+            for metric, lines in by_metric.items():
+                steps = ("seen_ms", "state", "prefetch", "prefetch_hypervisor", "resume")
+                figures = " ".join(f"{median([t[k] for t in lines if k in t]):6.1f}" for k in steps)
+                events = ",".join(sorted({t["event"] for t in lines}))
+                print(f"    {label:44s} {metric[:-3]:5s} {figures}  (woken as {events})")
 
 
 def main() -> int:
@@ -360,6 +424,9 @@ def main() -> int:
     parser.add_argument("--mem", type=int, default=128, help="guest MiB (default 128)")
     parser.add_argument("--settle", type=float, default=30, help="P1 idle seconds before measuring (default 30)")
     parser.add_argument("--reps", type=int, default=5, help="P2 repetitions (default 5)")
+    parser.add_argument("--p2-configs", default=",".join(DEFAULT_P2_CONFIGS),
+                        help=f"P2 wake-up configurations to compare, of {', '.join(P2_CONFIGS)}")
+    parser.add_argument("--no-restore", action="store_true", help="P2 without the QMP save + restore anchor")
     parser.add_argument("--only", choices=["p1", "p2", "ws-table", "ws-plot"], help="run one part")
     parser.add_argument("--window", type=float, default=30, help="ws-table idle window (s), default 30")
     parser.add_argument("--duration", type=float, default=1200, help="ws-plot idle run (s), default 1200")
@@ -384,7 +451,11 @@ def main() -> int:
             print(json.dumps(plot))
         return 0
     p1 = bench_p1(args.n, args.mem, args.settle) if args.only in (None, "p1") else None
-    p2 = bench_p2(args.mem, args.reps) if args.only in (None, "p2") else None
+    configs = tuple(c for c in args.p2_configs.split(",") if c)
+    unknown = [c for c in configs if c not in P2_CONFIGS]
+    if unknown:
+        parser.error(f"unknown P2 configuration(s) {unknown}: {', '.join(P2_CONFIGS)}")
+    p2 = bench_p2(args.mem, args.reps, configs, not args.no_restore) if args.only in (None, "p2") else None
     report(p1, p2)
     if args.json:
         print(json.dumps({"p1": p1, "p2": p2}, indent=2))

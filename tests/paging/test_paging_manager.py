@@ -111,3 +111,34 @@ def test_next_manager_finishes_an_interrupted_page_out(port, tmp_path):
     assert open(f"/proc/{child.pid}/stat").read().split()[2] != "T"
     assert len(successor.mechanism("a").resident_pages()) < 100
     assert child.checksum() == before
+
+
+def test_wake_up_resumes_from_the_plan_made_when_pausing_and_a_successor_from_the_stored_state(port, tmp_path):
+    """The manager that paused a domain works out what to prefetch per event type at pause time, so a wake-up
+    goes straight to prefetch and resume (state is written after the resume); a manager that did not pause
+    it (a successor) finds the same pages in the stored state."""
+    child = port.children["a"]
+    before = child.checksum()
+    manager, _ = make_manager(port, tmp_path, long_idle_s=1e9)
+    manager.record_event("a", "idle", [1, 2])
+    for _ in range(2):
+        manager.record_event("a", "ping", [100, 101, 102, 103])
+    manager.page_out("a", keep_ws=False)
+    assert open(f"/proc/{child.pid}/stat").read().split()[2] == "T"
+    woke = manager.page_in("a", event="ping")
+    assert woke.pages == 4
+    steps = woke.timings
+    assert list(steps) == ["state", "prefetch", "prefetch_hypervisor", "resume", "saved"]
+    assert all(a <= b for a, b in zip(list(steps.values()), list(steps.values())[1:], strict=False))
+    assert open(f"/proc/{child.pid}/stat").read().split()[2] != "T"
+    assert manager.state("a").phase == RESIDENT
+    assert manager.state("a").model.last_seen.get("ping") is not None
+
+    manager.page_out("a", keep_ws=False)
+    successor, _ = make_manager(port, tmp_path, long_idle_s=1e9)
+    # No http working set known: the resident set instead (idle background + ping, which is frequent now).
+    woke = successor.page_in("a", event="http")
+    assert woke.pages == 6
+    assert open(f"/proc/{child.pid}/stat").read().split()[2] != "T"
+    assert successor.state("a").phase == RESIDENT
+    assert child.checksum() == before

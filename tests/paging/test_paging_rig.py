@@ -75,20 +75,68 @@ def test_memory_identical_after_20_page_out_cycles(guest, manager):
     assert guest_md5(guest) == md5
 
 
+def host_neighbour_states(tap: str, ip: str) -> list[int]:
+    from pyroute2 import IPRoute
+
+    with IPRoute() as ipr:
+        index = ipr.link_lookup(ifname=tap)[0]
+        return [n["state"] for n in ipr.get_neighbours(ifindex=index, dst=ip)]
+
+
+def wait_resident(manager, name: str) -> None:
+    deadline = time.monotonic() + 5
+    while manager.state(name).phase != RESIDENT and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert manager.state(name).phase == RESIDENT
+
+
 def test_paused_and_paged_out_guest_answers_ping(guest, manager):
+    from xenswap.hv.qemu.memory_events import NUD_PERMANENT
+
     name = guest.name
     manager.page_out(name, keep_ws=False)  # pause + everything out; the tap waker is armed
     assert manager.state(name).phase == PAGED_OUT
     assert guest.status() == "paused"
     assert len(manager.mechanism(name).resident_pages()) < 256
+    # The host will not ARP for the paused guest (nobody would answer): the first frame is the ping itself.
+    assert any(state & NUD_PERMANENT for state in host_neighbour_states(guest.tap, guest.ip))
+    manager.waker.wakes.clear()
     t0 = time.monotonic()
     assert ping(guest.ip)  # held in the tap queue, working set prefetched, guest resumed, then delivered
     assert time.monotonic() - t0 < 5
     assert guest.status() == "running"
-    deadline = time.monotonic() + 5
-    while manager.state(name).phase != RESIDENT and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert manager.state(name).phase == RESIDENT
+    wait_resident(manager, name)
+    wake = manager.waker.wakes[-1]
+    assert wake["event"] == "ping"
+    assert 0 <= wake["seen_ms"] <= wake["prefetch"] <= wake["resume"] < 5000
+
+
+def test_paused_guest_woken_by_http_prefetches_for_http(guest, manager):
+    """Classified by the real first packet (a TCP SYN to port 80), not by an ARP request."""
+    from xenswap.hv.qemu.memory_events import http_get
+
+    name = guest.name
+    manager.page_out(name, keep_ws=False)
+    manager.waker.wakes.clear()
+    assert http_get(guest.ip, timeout=10).startswith(b"HTTP/1.")
+    wait_resident(manager, name)
+    assert [w["event"] for w in manager.waker.wakes] == ["http"]
+
+
+def test_pause_and_resume_keep_working_while_another_process_holds_the_second_monitor(guest, manager):
+    """This process keeps a connection open on the VM's second monitor for stop/cont; another process (the CLI)
+    finds it taken and falls back to a short connection on the first."""
+    from xenswap.hv.qemu import vm as vm_module
+
+    guest.pause()
+    guest.resume()
+    assert (str(guest.qmp_long_socket), guest.pid) in vm_module._monitors
+    xenswap = str(Path(sys.executable).with_name("xenswap"))  # the venv's entry point (same XENSWAP_STATE)
+    subprocess.run([xenswap, "pause", guest.name], check=True, timeout=30)
+    assert guest.status() == "paused"
+    subprocess.run([xenswap, "unpause", guest.name], check=True, timeout=30)
+    assert guest.status() == "running"
+    assert ping(guest.ip)
 
 
 KILLABLE_MANAGER = """

@@ -29,7 +29,7 @@ from xenswap.core.idleness import (
     make_predictor,
 )
 from xenswap.core.mechanism import MemoryMechanism, pages_to_mib
-from xenswap.core.working_set import WorkingSetModel
+from xenswap.core.working_set import EVENT_TYPES, WorkingSetModel
 
 KEEP = "keep"
 PAGE_OUT_WS = "page-out-ws"
@@ -47,6 +47,9 @@ class PolicyConfig:
     allow_pause: bool = True
     measure_idle_ws: int = 3  # idle-interval observations to take before the first page-out to working set
     frequent_rate: float = 1 / 300  # events/s above which an event's working set stays resident
+    # Paused guests: keep the hypervisor's own idle working set (QEMU's main loop, TCG code) resident instead
+    # of paging it out too (see docs/benchmarks-paging.md for what each choice measured).
+    keep_hypervisor_ws_paused: bool = False
 
 
 @dataclass
@@ -56,6 +59,7 @@ class Decision:
     reason: str
     predicted_idle_s: float | None = None
     pages: int | None = None  # pages paged out / prefetched by the action
+    timings: dict[str, float] | None = None  # page-in: ms from its start to the end of each step
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -206,6 +210,9 @@ class Manager:
         self._mechanisms: dict[str, MemoryMechanism] = {}
         self.waker: WakeSource | None = None
         self._clearing: set[str] = set()  # domains whose accessed bits this process has cleared
+        # Per domain this process paused: the frames to prefetch for each event type, worked out when pausing so
+        # that a wake-up does not load and decode the domain's state before the resume.
+        self._wake_plans: dict[str, dict[str | None, list[int]]] = {}
         # The waker calls page_in from its own thread while tick() runs in the daemon's.
         self._lock = threading.RLock()
 
@@ -328,6 +335,7 @@ class Manager:
                   decision: Decision | None, pause: bool) -> Decision:
         st = st or self.state(name)
         mech = mech or self.mechanism(name)
+        self._wake_plans.pop(name, None)  # set again below if this page-out pauses it
         st.acted_at = st.detector.idle_for(self.clock()) if st.detector.idle else None
         if keep_ws:
             st.phase = PAGING_OUT
@@ -344,12 +352,11 @@ class Manager:
             self.store.save(st)
             self.hv.pause(name)
             n = mech.page_out(None)
-            # Releasing QEMU's own working set too measured better for the wake-up than keeping it (see
-            # docs/benchmarks-paging.md), so it goes as well.
-            self._release_overhead(mech, keep_working_set=False)
+            self._release_overhead(mech, keep_working_set=self.config.keep_hypervisor_ws_paused)
             st.pageouts += 1
             st.phase = PAGED_OUT
             self.store.save(st)
+            self._wake_plans[name] = self._wake_plan(st)
             if self.waker is not None:
                 self.waker.watch(name)
         if decision is None:
@@ -364,28 +371,54 @@ class Manager:
         with self._lock:
             return self._page_in(name, event, all_pages, prefetch)
 
+    def _wake_plan(self, st: DomainState) -> dict[str | None, list[int]]:
+        """Frames to prefetch per event type (None: no event known), from the domain's working-set model."""
+        background = st.model.resident_set(self.clock())
+        plan: dict[str | None, list[int]] = {None: background}
+        for event in EVENT_TYPES:
+            plan[event] = st.model.predicted(event) or background
+        return plan
+
     def _page_in(self, name: str, event: str | None, all_pages: bool, prefetch: bool) -> Decision:
+        started = time.monotonic()
+        timings: dict[str, float] = {}
+
+        def step(label: str) -> None:
+            timings[label] = (time.monotonic() - started) * 1000
+
         if self.waker is not None:
             self.waker.unwatch(name)
-        st = self.state(name)
         mech = self.mechanism(name)
+        plan = self._wake_plans.pop(name, None)
+        st: DomainState | None = None
+        if plan is None:  # not paused by this process (or resumed since): the persisted state says
+            st = self.state(name)
+            plan = self._wake_plan(st)
+            paused = st.phase in (PAUSING, PAGED_OUT)
+        else:
+            paused = True  # `cont` of a guest someone else resumed meanwhile is harmless
         if all_pages:
             pages = list(range(mech.guest_pages()))
-        elif event:
-            pages = st.model.predicted(event) or st.model.resident_set(self.clock())
         else:
-            pages = st.model.resident_set(self.clock())
+            pages = plan.get(event, plan[None])
+        step("state")
         n = mech.prefetch(pages) if prefetch else 0
+        step("prefetch")
         if prefetch and hasattr(mech, "prefetch_overhead"):
             mech.prefetch_overhead()  # the hypervisor's own pages the domain needs to run (QEMU's TCG cache)
+        step("prefetch_hypervisor")
+        if paused:
+            self.hv.unpause(name)
+        step("resume")
+        # Book-keeping after the resume: the guest is running (and answering) meanwhile.
+        st = st or self.state(name)
         if event:
             st.model.note(event, self.clock())
-        if st.phase in (PAUSING, PAGED_OUT):
-            self.hv.unpause(name)
         st.phase = RESIDENT
         st.acted_at = None
         self.store.save(st)
-        return Decision(name, PAGE_IN, f"prefetched {event or 'working set'}", pages=n)
+        step("saved")
+        return Decision(name, PAGE_IN, f"prefetched {event or 'working set'}", pages=n, timings=timings)
 
     def record_event(self, name: str, event: str, touched: Iterable[int]) -> None:
         st = self.state(name)

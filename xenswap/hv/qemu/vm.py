@@ -36,7 +36,7 @@ from xenswap.errors import MissingTool, UnknownDomain, XenswapError
 from xenswap.guest.image import GuestImage, build_guest_image, check_image
 from xenswap.hv.qemu import tap as taps
 from xenswap.hv.qemu.console import SerialConsole
-from xenswap.hv.qemu.qmp import QMPFailure, qmp_execute
+from xenswap.hv.qemu.qmp import QMPConnection, QMPFailure, qmp_execute
 
 QEMU_BINARY = "qemu-system-x86_64"
 UP_MARKER = "XENSWAP_GUEST_UP"
@@ -202,6 +202,25 @@ def _registry_lock() -> Iterator[None]:
     with open(root / ".lock", "a") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         yield
+
+
+# Open connections to VMs' second monitors, per (socket, QEMU pid), shared by every QemuVM object of this
+# process (the port opens a new QemuVM for each call). Off by default: a short-lived process (the CLI) gains
+# nothing from keeping one and would only find the monitor taken by the daemon; a long-lived manager turns it
+# on (``use_persistent_monitors``).
+PERSISTENT_MONITOR = False
+_monitors: dict[tuple[str, int], QMPConnection] = {}
+_monitor_refused: dict[tuple[str, int], float] = {}  # when the second monitor was found taken
+MONITOR_RETRY_S = 60.0
+
+
+def use_persistent_monitors(on: bool = True) -> None:
+    """Pause and resume VMs over connections this process keeps open (for a long-lived manager)."""
+    global PERSISTENT_MONITOR
+    PERSISTENT_MONITOR = on
+    if not on:
+        for key in list(_monitors):
+            _monitors.pop(key).close()
 
 
 class QemuVM:
@@ -376,6 +395,11 @@ class QemuVM:
     @classmethod
     def open(cls, ref: str | int) -> QemuVM:
         """A running VM by name or domain id."""
+        # By name: its own state directory, no scan of every VM (the wake-up path resumes guests through this).
+        if NAME_RE.match(str(ref)) and not str(ref).isdigit():
+            vm = _load(qemu_root() / str(ref))
+            if vm is not None and vm.alive():
+                return vm
         vms = list_vms()
         for vm in vms:
             if vm.name == str(ref) or str(vm.domid) == str(ref):
@@ -401,6 +425,8 @@ class QemuVM:
         self._cleanup()
 
     def _cleanup(self) -> None:
+        for key in [k for k in _monitors if k[0] == str(self.qmp_long_socket)]:
+            _monitors.pop(key).close()
         if self.config.tap:
             taps.delete_tap(self.config.tap)
         shutil.rmtree(self._dir, ignore_errors=True)
@@ -468,10 +494,35 @@ class QemuVM:
         return self.qmp("query-status")["status"]
 
     def pause(self) -> None:
-        self.qmp("stop")
+        self._run_state_command("stop")
 
     def resume(self) -> None:
-        self.qmp("cont")
+        self._run_state_command("cont")
+
+    def _run_state_command(self, command: str) -> None:
+        """``stop``/``cont`` over this process's open connection to the second monitor (``qmp-long.sock``),
+        opened on first use and kept: waking a paused, paged-out guest is latency-critical, and a fresh
+        connection to a QEMU whose main loop was paged out cost 6-38 ms. Falls back to a short connection
+        when the second monitor is taken by another process or the connection broke (both commands are
+        idempotent, so a retry after a half-done attempt is safe)."""
+        if PERSISTENT_MONITOR:
+            key = (str(self.qmp_long_socket), self.pid)
+            monitor = _monitors.get(key)
+            if monitor is None and time.monotonic() - _monitor_refused.get(key, -MONITOR_RETRY_S) >= MONITOR_RETRY_S:
+                try:
+                    monitor = _monitors[key] = QMPConnection(self.qmp_long_socket, timeout=1.0)
+                except QMPFailure:
+                    # another long-lived client holds it: don't wait for its greeting on every call
+                    _monitor_refused[key] = time.monotonic()
+            if monitor is not None:
+                try:
+                    monitor.execute(command)
+                    return
+                except QMPFailure:
+                    if monitor.is_open:
+                        raise  # QEMU refused the command itself
+                    _monitors.pop(key, None)
+        self.qmp(command)
 
     def vcpu_thread_ids(self) -> list[int]:
         """Host thread ids of the vCPUs, in vCPU order."""
