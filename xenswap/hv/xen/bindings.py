@@ -121,6 +121,13 @@ class VmEventChannel:
             self.events.notify(self.local_port)
         return count
 
+    def close_keep_enabled(self) -> None:
+        """Let go of the ring (unbind, unmap) but leave it enabled in Xen: requests wait on it for the next pager,
+        which takes it over (a paging ring must not be disabled while frames are out: a fault would crash the
+        guest)."""
+        self._disable = None
+        self.close()
+
     def close(self) -> None:
         try:
             if self._disable is not None:

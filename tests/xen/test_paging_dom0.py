@@ -1,0 +1,269 @@
+"""Paging a PVH guest with our dom0 pager on the patched hypervisor (runs in the nested rig's dom0).
+
+A guest paged down to its working set keeps running (heartbeat on its console) and its memory is identical after
+page-in (md5sum inside the guest of a tmpfs file written before the page-out); the event-prefetch hook holds a
+console (interdomain) or timer (VIRQ) event until the pager answers; a pager killed with SIGKILL loses no page.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import secrets
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from xenswap.core.page_store import PageStore
+from xenswap.hv.xen import bindings, xl
+
+pytestmark = pytest.mark.dom0
+
+CHECKOUT = Path(__file__).resolve().parents[2]
+BLOB_MIB = 2  # demand paging under TCG costs ~40 ms a fault: 512 faults
+
+
+def patched_hypervisor() -> bool:
+    out = subprocess.run(["xl", "info"], capture_output=True, text=True).stdout
+    return "xenswap" in out
+
+
+@pytest.fixture(scope="module", autouse=True)
+def needs_patched_xen():
+    if not patched_hypervisor():
+        pytest.fail("these tests need the patched hypervisor (xenswap rig boot --xen patched); "
+                    "xl info does not say -xenswap")
+
+
+def domid_of(name: str) -> int:
+    return int(subprocess.run(["xl", "domid", name], capture_output=True, text=True, check=True).stdout)
+
+
+def console_run(name: str, command: str, timeout: float = 180.0, serve=None) -> list[str]:
+    """Type a command on the guest's console (its pty) and return its output lines. ``serve`` (optional) is
+    called while waiting (e.g. a pager's ring, when the test itself serves it)."""
+    domid = domid_of(name)
+    tty = subprocess.run(["xenstore-read", f"/local/domain/{domid}/console/tty"], capture_output=True, text=True,
+                         check=True).stdout.strip()
+    token = secrets.token_hex(4)
+    # The console echoes what is typed: output lines carry the token as a prefix the echo cannot start with,
+    # and the end marker is computed by the guest's shell.
+    line = f"{command} 2>&1 | sed 's/^/{token}: /'; echo {token}-$((40+2))\n"
+    log = xl.console_log(name)
+    with open(tty, "w") as pty:
+        pty.write(line)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        text = log.read_text(errors="replace").replace("\r", "")
+        if f"\n{token}-42" in text:
+            return [ln[len(token) + 2:] for ln in text.splitlines() if ln.startswith(f"{token}: ")]
+        if serve is not None:
+            serve()
+        time.sleep(0.05)
+    tail = "\n".join(log.read_text(errors="replace").splitlines()[-15:])
+    raise AssertionError(f"{command!r} did not finish on {name}'s console within {timeout:g} s:\n{tail}")
+
+
+def md5_of_blob(name: str, **kwargs) -> str:
+    out = console_run(name, "md5sum /tmp/blob", **kwargs)
+    sums = [ln.split()[0] for ln in out if re.match(r"^[0-9a-f]{32}\s", ln)]
+    assert sums, out
+    return sums[0]
+
+
+def mem_kb(domid: int) -> int:
+    from xenswap.hv.xen import load_xc
+
+    return int(load_xc().xc().domain_getinfo(domid, 1)[0]["mem_kb"])
+
+
+def heartbeats(name: str) -> list[int]:
+    text = xl.console_log(name).read_text(errors="replace")
+    return [int(n) for n in re.findall(r"^HB (\d+)", text.replace("\r", ""), re.M)]
+
+
+@pytest.fixture(scope="module")
+def guest(pvh_guest):
+    """The module's PVH guest, with a random tmpfs file (its md5sum) and a heartbeat on its console."""
+    xl.wait_for_console(pvh_guest.name, xl.GUEST_UP_MARKER, timeout=180)
+    console_run(pvh_guest.name, f"dd if=/dev/urandom of=/tmp/blob bs=1M count={BLOB_MIB} 2>/dev/null; echo ok")
+    expected = md5_of_blob(pvh_guest.name)
+    # A heartbeat every second: "HB <n>" (n counts up; the log shows the guest ran while it was paged).
+    console_run(pvh_guest.name, "(n=0; while :; do n=$((n+1)); echo HB $n; sleep 1; done) >/dev/hvc0 &")
+    return pvh_guest, expected
+
+
+@pytest.fixture
+def store(tmp_path):
+    with PageStore(tmp_path / "pages.db") as page_store:
+        yield page_store
+
+
+def page_out_to_working_set(memory, window: float = 3.0) -> tuple[int, list[int]]:
+    memory.accessed_pages_and_clear()
+    time.sleep(window)
+    hot = set(memory.accessed_pages_and_clear())  # the first is coarse (superpages), and splits them
+    time.sleep(window)
+    hot = set(memory.accessed_pages_and_clear())
+    cold = [g for g in range(memory.guest_pages()) if g not in hot]
+    return memory.pager.page_out(cold), sorted(hot)
+
+
+def test_guest_paged_to_its_working_set_keeps_running_with_identical_memory(guest, store):
+    from xenswap.hv.xen.memory import XenMemory
+    from xenswap.hv.xen.pager import DomainPager
+
+    spec, expected = guest
+    domid = domid_of(spec.name)
+    before_kb = mem_kb(domid)
+    with DomainPager(domid, store).open() as pager:
+        memory = XenMemory(domid, pager)
+        started = time.monotonic()
+        evicted, hot = page_out_to_working_set(memory)
+        seconds = time.monotonic() - started
+        print(f"\npaged out {evicted} of {memory.guest_pages()} frames ({len(hot)} in the working set, "
+              f"{pager.stats.superpages_split} superpages split) in {seconds:.1f} s; "
+              f"mem {before_kb} -> {mem_kb(domid)} KiB")
+        assert len(hot) < memory.guest_pages() // 8  # exact to the frame once superpages are split
+        assert evicted > memory.guest_pages() * 3 // 4
+        assert mem_kb(domid) < before_kb - evicted * 4 * 0.9  # Xen freed the frames
+        with pager._lock:  # the ring thread may be loading a frame the guest touched
+            pager._flush_loaded()
+            assert set(store.gfns(pager.key)) == pager.out
+            assert len(pager.out) >= evicted - pager.stats.faults
+            assert set(memory.resident_pages()).isdisjoint(pager.out)
+
+        beats = heartbeats(spec.name)
+        for _ in range(6):
+            time.sleep(1)
+            print(f"  +1 s: {pager.stats.faults} faults, {len(heartbeats(spec.name)) - len(beats)} heartbeats")
+        assert len(heartbeats(spec.name)) >= len(beats) + 2, "no heartbeat while paged out"
+
+        faults = pager.stats.faults
+        started = time.monotonic()
+        assert md5_of_blob(spec.name) == expected  # demand-paged back in through the ring
+        took = time.monotonic() - started
+        new_faults = pager.stats.faults - faults
+        fault_ms = sorted(pager.stats.fault_seconds)[len(pager.stats.fault_seconds) // 2] * 1000
+        print(f"md5sum of the {BLOB_MIB} MiB file: {took:.1f} s, {new_faults} faults "
+              f"({took / max(1, new_faults) * 1000:.0f} ms per fault round trip, {fault_ms:.1f} ms in the pager)")
+        assert new_faults >= BLOB_MIB * 256 * 0.9
+
+        started = time.monotonic()
+        loaded = pager.page_in_all()
+        print(f"page-in of the remaining {loaded} frames: {time.monotonic() - started:.1f} s")
+        assert pager.out == set() and store.gfns(pager.key) == []
+        assert md5_of_blob(spec.name) == expected
+        pager.close(page_in_all=True)
+    assert mem_kb(domid) >= before_kb - 64
+
+
+def test_event_hook_holds_console_and_timer_events_until_the_pager_answers(guest, store):
+    from xenswap.hv.xen.memory import XenMemory
+    from xenswap.hv.xen.memory_events import EventPrefetcher
+    from xenswap.hv.xen.pager import DomainPager
+
+    spec, expected = guest
+    domid = domid_of(spec.name)
+    token = secrets.token_hex(3)
+    seen: list[tuple[str, bool, int]] = []  # (kind, command output already on the console?, prefetched)
+
+    with DomainPager(domid, store).open() as pager:
+        memory = XenMemory(domid, pager)
+        # the console event's working set, measured like the core engine does: accessed bits around one event
+        memory.accessed_pages_and_clear()
+        console_run(spec.name, "md5sum /tmp/blob")
+        console_ws = memory.accessed_pages_and_clear()
+        page_out_to_working_set(memory)
+        assert len(pager.out) > 1000
+
+        def on_event(kind: str) -> None:
+            output_there = f"{token}-{7 * 6}" in xl.console_log(spec.name).read_text(errors="replace")
+            prefetched = pager.prefetch(console_ws) if kind == "console" else 0
+            seen.append((kind, output_there, prefetched))
+            if kind == "console":
+                time.sleep(1.0)  # the event stays held meanwhile: the guest cannot have answered
+
+        prefetcher = EventPrefetcher(pager, on_event, min_interval=0)
+        prefetcher.enable()
+        try:
+            assert md5_of_blob(spec.name) == expected
+            before_echo = len(seen)
+            typed = time.monotonic()
+            console_run(spec.name, f"echo {token}-$((6*7))")
+            took = time.monotonic() - typed
+        finally:
+            prefetcher.disable()
+        kinds = {kind for kind, _, _ in seen}
+        print(f"\nheld events: {len(prefetcher.fired)} ({sorted(kinds)}), console round trips {took:.1f} s")
+        assert "console" in kinds and "idle" in kinds  # the console's interdomain port and VIRQ_TIMER
+        console_events = [s for s in seen if s[0] == "console"]
+        echo_events = [s for s in seen[before_echo:] if s[0] == "console"]
+        assert echo_events and not echo_events[0][1], "the command ran before its console event was released"
+        assert sum(p for _, _, p in console_events) > 0, "the console working set was not prefetched"
+        assert any(req.state == 5 and req.virq == 0 for _, _, req in prefetcher.fired)
+        assert took >= 1.0  # every console event was held for the hook's second
+        pager.close(page_in_all=True)
+
+
+def test_pager_killed_with_sigkill_loses_no_page(guest, store, tmp_path):
+    """A standalone pager evicts the cold frames and is killed; the guest then faults with no pager (its vCPU
+    waits on the ring); a new pager takes the ring over, serves it, and every page comes back intact."""
+    from xenswap.hv.xen.pager import DomainPager
+
+    spec, expected = guest
+    domid = domid_of(spec.name)
+    env = {**os.environ, "PYTHONPATH": str(CHECKOUT)}
+    first = subprocess.Popen([sys.executable, "-m", "xenswap.hv.xen.pager", str(domid), "--store", str(store.path),
+                              "--page-out-cold", "3"], stdout=subprocess.PIPE, text=True, env=env)
+    try:
+        lines = []
+        for line in first.stdout:
+            lines.append(line)
+            if "serving" in line:
+                break
+        assert "serving" in lines[-1], "".join(lines)
+    finally:
+        first.send_signal(signal.SIGKILL)
+        first.wait()
+    key = _uuid(domid)
+    out_after_kill = set(store.gfns(key))
+    assert len(out_after_kill) > 1000, lines
+
+    # The guest touches its paged-out file while no pager runs: its vCPU pauses on the first fault.
+    tty = subprocess.run(["xenstore-read", f"/local/domain/{domid}/console/tty"], capture_output=True, text=True,
+                         check=True).stdout.strip()
+    with open(tty, "w") as pty:
+        pty.write("md5sum /tmp/blob > /tmp/sum.txt\n")
+    time.sleep(3)
+
+    with DomainPager(domid, store).open() as second:
+        assert second.stats.restarts_recovered == 1
+        assert second.out == out_after_kill
+        assert console_run(spec.name, "cat /tmp/sum.txt")[0].split()[0] == expected
+        assert md5_of_blob(spec.name) == expected
+        assert second.stats.faults > 0
+        second.close(page_in_all=True)
+    assert store.gfns(key) == []
+    assert store.check() == []
+
+
+def _uuid(domid: int) -> str:
+    from xenswap.hv.xen.pager import domain_uuid
+
+    return domain_uuid(domid)
+
+
+def test_ring_is_refused_a_second_time_while_enabled(guest):
+    """Xen allows one paging ring per domain: the takeover path of a restarted pager starts from EBUSY."""
+    spec, _ = guest
+    domid = domid_of(spec.name)
+    ctrl = bindings.open_xenctrl()
+    with bindings.VmEventChannel.open(ctrl, domid):
+        with pytest.raises(OSError) as caught:
+            bindings.VmEventChannel.open(ctrl, domid)
+        assert caught.value.errno == 16 and caught.value.filename == "xc_vm_event_enable"

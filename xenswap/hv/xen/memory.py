@@ -1,0 +1,112 @@
+"""The Xen port's ``MemoryMechanism`` (xenswap.core.mechanism): Xen's mem_paging driven by our dom0 pager.
+
+- guest_pages: the guest's RAM frames (its memory size; PVH RAM starts at gfn 0 and, below 3 GiB, is one run);
+- resident_pages: the frames that are not paged out (the pager's out-set, which mirrors the page store);
+- accessed_pages_and_clear: the hypervisor's access-bit harvest (patch 0001, XEN_DOMCTL_xenswap_op) over the
+  guest's NPT: what the guest touched since the previous call, measured by the hardware walker, no faults;
+- page_out: nominate, copy into the page store (durable), evict (see xenswap.hv.xen.pager);
+- prefetch: load from the store (mem_paging_load: Xen allocates, copies and maps the frame).
+
+The guest keeps running while it is paged: a touch of an evicted frame pauses the vCPU and puts a request on
+the paging ring, which the pager's thread answers from the store. One pager (and ring) per domain and process:
+``mechanism_for`` keeps them in a registry shared with the wake source (xenswap.hv.xen.memory_events).
+
+Superpages: the harvest reports every gfn of a 2 MiB leaf as accessed when any was; the first harvest of a fresh
+guest is coarse. Nominating a frame splits its superpage, so accessed_pages_and_clear pages out one frame of each
+fully reported 2 MiB run, and the harvests after it are exact.
+"""
+
+from __future__ import annotations
+
+import errno
+import threading
+from collections.abc import Iterable
+
+from xenswap.core.mechanism import PAGE_SIZE
+from xenswap.core.page_store import PageStore
+from xenswap.hv.xen import bindings, load_xc
+from xenswap.hv.xen.pager import DomainPager, default_store_path
+
+# PVH/HVM guests have MMIO and firmware holes from 3 GiB up to 4 GiB: RAM frames above that are remapped
+# past 4 GiB. Guests this project pages are far smaller; a bigger one is only paged below the hole.
+LOW_RAM_LIMIT_PAGES = (3 << 30) // PAGE_SIZE
+
+
+class XenMemory:
+    """MemoryMechanism over one Xen domain through its DomainPager."""
+
+    page_size = PAGE_SIZE
+
+    def __init__(self, domid: int, pager: DomainPager) -> None:
+        self.domid = domid
+        self.pager = pager
+        self.ctrl = pager.ctrl
+        info = load_xc().xc().domain_getinfo(domid, 1)[0]
+        self.uuid_handle = list(info["handle"])
+        self._pages = min(int(info["maxmem_kb"]) // (PAGE_SIZE // 1024), LOW_RAM_LIMIT_PAGES,
+                          self.ctrl.domain_maximum_gpfn(domid) + 1)
+
+    def alive(self) -> bool:
+        """False once the domain is gone (or its id was reused by another domain)."""
+        info = load_xc().xc().domain_getinfo(self.domid, 1)
+        return bool(info) and info[0]["domid"] == self.domid and list(info[0]["handle"]) == self.uuid_handle \
+            and not info[0].get("dying")
+
+    def guest_pages(self) -> int:
+        return self._pages
+
+    def resident_pages(self) -> list[int]:
+        out = self.pager.out
+        return [gfn for gfn in range(self._pages) if gfn not in out]
+
+    def accessed_pages_and_clear(self) -> list[int]:
+        """The harvest; superpages it could only report whole are split (one frame each paged out), so the
+        following harvests are exact to the 4 KiB frame."""
+        accessed = bindings.harvest_working_set(self.ctrl, self.domid, 0, self._pages, clear=True)
+        self.pager.split_superpages(accessed, limit=self._pages)
+        return accessed
+
+    def page_out(self, gfns: Iterable[int] | None = None) -> int:
+        wanted = range(self._pages) if gfns is None else [g for g in gfns if 0 <= g < self._pages]
+        wanted = list(wanted)
+        self.pager.page_out(wanted)
+        return len(wanted)
+
+    def prefetch(self, gfns: Iterable[int]) -> int:
+        wanted = list(gfns)
+        self.pager.prefetch(wanted)
+        return len(wanted)
+
+    def close(self) -> None:
+        pass  # the pager outlives the mechanism (registry below)
+
+
+_store: PageStore | None = None
+_pagers: dict[int, DomainPager] = {}
+_registry_lock = threading.Lock()
+
+
+def pager_for(domid: int) -> DomainPager:
+    """This process's pager of a domain (opened, serving), created on first use with the shared page store."""
+    global _store
+    with _registry_lock:
+        pager = _pagers.get(domid)
+        if pager is not None and not XenMemory(domid, pager).alive():
+            pager.close()
+            del _pagers[domid]
+            pager = None
+        if pager is None:
+            if _store is None:
+                _store = PageStore(default_store_path())
+            pager = DomainPager(domid, _store).open()
+            _pagers[domid] = pager
+        return pager
+
+
+def mechanism_for(hv, name: str) -> XenMemory:
+    """The manager's factory (xenswap.core.policy.mechanism_factory_for): the mechanism of one domain by name."""
+    domid = hv.domid(name)
+    if domid == 0:
+        # An OSError: the manager's tick skips a domain whose mechanism raises one ("skipped: ...").
+        raise OSError(errno.EPERM, "Domain-0 is never paged (it runs the pager)")
+    return XenMemory(domid, pager_for(domid))

@@ -1,0 +1,378 @@
+"""The dom0 pager (replaces xenpaging): evicts guest frames into the page store, serves the guest's vm_event paging
+ring (page-in on fault), and answers the event-prefetch hook of our hypervisor patch 0002.
+
+One ``DomainPager`` per guest, serving its ring from a thread. Run standalone (``python3 -m xenswap.hv.xen.pager
+DOMAIN``) or inside the manager (xenswap.hv.xen.memory).
+
+Acknowledged = durable. A frame is evicted in this order: ``nominate`` (Xen makes it not-present, so the guest can
+no longer change it; a touch turns it "paging in" instead), copy it through a foreign mapping, commit the copy to
+the page store (``PageStore.put_pages`` returns after the fsync), and only then ``evict`` (Xen frees the frame).
+A page-in loads the stored copy (``mem_paging_load``: Xen allocates a frame, copies, maps it) and only then drops
+the store's entry. At every point a kill -9 leaves each frame either in Xen or in the store.
+
+Restart. The store is the list of what is out (keyed by the domain's UUID, which a pager restart does not
+change). A new pager finds the paging ring still enabled by the dead one (EBUSY), disables it (Xen releases any
+held events and frees the ring; the requests that were on it are lost) and enables it again; then it answers
+once per vCPU with "vCPU paused, page dropped": a vCPU that was paused waiting for the dead pager resumes, touches
+its page again and asks again on the new ring (a vCPU that was not paused is left alone: Xen refuses to unpause
+below zero). Frames nominated but not yet evicted when the old pager died stay in Xen, not present; the first
+touch brings them back through the ring like any other.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import errno
+import signal
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from xenswap.config import state_dir
+from xenswap.core.page_store import PageStore
+from xenswap.errors import XenswapError
+from xenswap.hv.xen import bindings, load_xc
+
+MAP_BATCH = 256  # frames per foreign mapping while paging out
+REMOVE_BATCH = 512  # loaded frames forgotten by the store per commit
+
+
+def default_store_path() -> Path:
+    return state_dir() / "xen-pages.db"
+
+
+def domain_uuid(domid: int) -> str:
+    """The domain's UUID: the page store's key (domids are reused, UUIDs are not)."""
+    info = load_xc().xc().domain_getinfo(domid, 1)
+    if not info or info[0]["domid"] != domid:
+        raise XenswapError(f"no domain {domid}")
+    handle = info[0]["handle"]
+    hexed = "".join(f"{b:02x}" for b in handle)
+    return f"{hexed[:8]}-{hexed[8:12]}-{hexed[12:16]}-{hexed[16:20]}-{hexed[20:]}"
+
+
+def domain_vcpus(domid: int) -> int:
+    return int(load_xc().xc().domain_getinfo(domid, 1)[0]["max_vcpu_id"]) + 1
+
+
+@dataclass
+class PagerStats:
+    evicted: int = 0
+    evict_skipped: int = 0  # nominate or evict refused (frame busy, special, already out)
+    faults: int = 0  # page-in requests served from the ring
+    prefetched: int = 0
+    held_events: int = 0
+    fault_seconds: list[float] = field(default_factory=list)  # load time per fault (last 1000)
+    restarts_recovered: int = 0  # the ring was found enabled by a previous pager
+    superpages_split: int = 0
+
+
+# Called with the held event's request; returns once what the event needs is loaded (the pager then answers).
+EventHook = Callable[["DomainPager", object], None]
+
+
+class DomainPager:
+    """Pages one domain's frames out to and back in from a PageStore, serving its paging ring from a thread."""
+
+    def __init__(self, domid: int, store: PageStore, key: str | None = None, on_event: EventHook | None = None):
+        self.xc = bindings.load()
+        self.domid = domid
+        self.store = store
+        self.key = key or domain_uuid(domid)
+        self.on_event = on_event
+        self.ctrl = bindings.open_xenctrl()
+        self._xc = load_xc().xc()  # pause/unpause, domain info
+        self.fmem = self.xc.ForeignMemory()
+        self.stats = PagerStats()
+        self.out: set[int] = set(self.store.gfns(self.key))  # frames this domain has in the store
+        self._lock = threading.RLock()  # page-out, page-in and the ring thread, one at a time per frame set
+        self._loaded_pending: list[int] = []  # loaded frames the store has not forgotten yet
+        self.channel: bindings.VmEventChannel | None = None
+        self._thread: threading.Thread | None = None
+        self._stop = threading.Event()
+
+    # -- ring
+
+    def open(self) -> DomainPager:
+        """Enable (or take over) the paging ring and start serving it."""
+        try:
+            self.channel = bindings.VmEventChannel.open(self.ctrl, self.domid)
+        except OSError as error:
+            if error.errno != errno.EBUSY:
+                raise
+            # A previous pager died with the ring enabled: take it over (see the module docstring). Paused
+            # meanwhile: a fault while no ring is enabled would crash the guest.
+            self._xc.domain_pause(self.domid)
+            try:
+                self.ctrl.mem_paging_disable(self.domid)
+                self.channel = bindings.VmEventChannel.open(self.ctrl, self.domid)
+            finally:
+                self._xc.domain_unpause(self.domid)
+            self.stats.restarts_recovered += 1
+            self._unpause_all()
+        self._stop.clear()
+        self._thread = threading.Thread(target=self._serve, name=f"xenswap-pager-{self.domid}", daemon=True)
+        self._thread.start()
+        return self
+
+    def _unpause_all(self) -> None:
+        responses = []
+        for vcpu in range(domain_vcpus(self.domid)):
+            responses.append(self.xc.VmEvent(reason=self.xc.REASON_MEM_PAGING, vcpu_id=vcpu,
+                                             flags=self.xc.FLAG_VCPU_PAUSED, u_flags=self.xc.PAGING_DROP_PAGE))
+        self.channel.answer(responses)
+
+    def close(self, page_in_all: bool = False) -> None:
+        """Stop serving. With ``page_in_all`` every frame goes back to the guest first and the ring is disabled;
+        without, the ring stays as it is for the next pager (frames stay out, the store keeps them)."""
+        if page_in_all and self.channel is not None:
+            self.page_in_all()
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+            self._thread = None
+        self._flush_loaded()
+        if self.channel is not None:
+            if page_in_all or not self.out:
+                with contextlib.suppress(OSError):
+                    self.channel.close()
+            else:
+                self.channel.close_keep_enabled()
+            self.channel = None
+
+    def __enter__(self) -> DomainPager:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _serve(self) -> None:
+        while not self._stop.is_set():
+            try:
+                requests = self.channel.wait(0.2)
+            except (OSError, ValueError):
+                if self._stop.is_set():
+                    return
+                raise
+            if requests:
+                self.handle(requests)
+            elif self._loaded_pending:
+                self._flush_loaded()
+
+    def handle(self, requests: list) -> None:
+        """Serve ring requests: page-in faults from the store, held events through the hook; answer all."""
+        responses = []
+        for request in requests:
+            if request.reason == self.xc.REASON_MEM_PAGING:
+                started = time.perf_counter()
+                if not request.u_flags & self.xc.PAGING_EVICT_FAIL:
+                    self._load([request.gfn])
+                # EVICT_FAIL: touched between nominate and evict; Xen still has the frame, the answer maps it.
+                self.stats.faults += 1
+                self.stats.fault_seconds.append(time.perf_counter() - started)
+                del self.stats.fault_seconds[:-1000]
+            elif request.reason == self.xc.REASON_XENSWAP_EVTCHN:
+                self.stats.held_events += 1
+                if self.on_event is not None:
+                    try:
+                        self.on_event(self, request)
+                    except Exception as error:  # deliver anyway: a late event beats a lost one
+                        print(f"xenswap pager {self.domid}: event hook failed: {error}", file=sys.stderr)
+            responses.append(request.response())
+        self.channel.answer(responses)
+
+    # -- paging
+
+    def page_out(self, gfns: Iterable[int]) -> int:
+        """Evict these frames into the store; returns how many were evicted. Skipped: frames Xen refuses to page
+        (special or referenced ones), and frames the guest touched since the last clearing harvest (see
+        _page_out_batch)."""
+        todo = sorted(set(int(g) for g in gfns) - self.out)
+        evicted = 0
+        for start in range(0, len(todo), MAP_BATCH):
+            evicted += self._page_out_batch(todo[start:start + MAP_BATCH])
+        return evicted
+
+    def split_superpages(self, accessed: Iterable[int], limit: int | None = None) -> int:
+        """Make the next harvests exact where 2 MiB superpages made them coarse; returns how many were split.
+
+        The NPT harvest reports all 512 frames of a superpage leaf when any was touched, so a fully reported
+        aligned 2 MiB run is (almost always) a superpage. Xen splits a superpage when one of its frames changes
+        type, and nominating one does that; a nominated frame cannot be un-nominated (mem_paging_load refuses
+        it: ENOENT), so the frame is paged out like any other (the guest faults it back if it needs it).
+        ``limit`` bounds the run (frames beyond the guest's RAM are never chosen)."""
+        hot = set(accessed)
+        runs = sorted({gfn >> 9 for gfn in hot})
+        split = 0
+        for run in runs:
+            first = run << 9
+            victim = first + 511
+            if (limit is not None and victim >= limit) or victim in self.out:
+                continue
+            if all(first + i in hot for i in range(512)):
+                split += self._page_out_batch([victim], keep_touched=False)
+        self.stats.superpages_split += split
+        return split
+
+    def _page_out_batch(self, gfns: list[int], keep_touched: bool = True) -> int:
+        """Evict one batch with the domain paused, keeping the frames whose accessed bit is set.
+
+        Why paused and why the accessed check: Xen copies hypercall arguments from guest memory, and a copy from
+        a frame that is being paged out fails with -EFAULT instead of waiting (only hardware accesses fault into
+        the ring). A vCPU stopped between writing its arguments and the hypercall instruction would get that
+        error (Linux BUG()s on -EFAULT from e.g. VCPUOP_set_singleshot_timer: measured, the guest crashed); its
+        argument frame was just written, so its accessed bit is set, and the pause keeps it from writing a new
+        frame while the batch is nominated."""
+        with self._lock:
+            self._xc.domain_pause(self.domid)
+            try:
+                first = gfns[0]
+                touched: set[int] = set()
+                if keep_touched:
+                    bitmap, _ = self.ctrl.harvest_accessed(self.domid, first, gfns[-1] - first + 1, False)
+                    touched = set(bindings.bitmap_to_gfns(bitmap, first))
+                nominated = []
+                for gfn in gfns:
+                    if gfn in touched:
+                        self.stats.evict_skipped += 1
+                        continue
+                    try:
+                        self.ctrl.mem_paging_nominate(self.domid, gfn)
+                        nominated.append(gfn)
+                    except OSError:
+                        self.stats.evict_skipped += 1  # EBUSY (referenced, special), EINVAL (not RAM), ...
+                if not nominated:
+                    return 0
+                pages = {}
+                with self.fmem.map(self.domid, nominated) as mapping:
+                    for index, gfn in enumerate(nominated):
+                        if mapping.errors[index] == 0:
+                            pages[gfn] = bytes(mapping.page(index))
+                self.store.put_pages(self.key, pages)  # durable before Xen drops anything
+                self.out.update(pages)
+                evicted = 0
+                for gfn in pages:
+                    try:
+                        self.ctrl.mem_paging_evict(self.domid, gfn)
+                        evicted += 1
+                    except OSError:
+                        # Touched since nominate (Xen keeps the frame; the fault's answer maps it back) or still
+                        # referenced: the store's copy is not needed.
+                        self.stats.evict_skipped += 1
+                        self.out.discard(gfn)
+                        self.store.remove_pages(self.key, [gfn])
+                self.stats.evicted += evicted
+                return evicted
+            finally:
+                self._xc.domain_unpause(self.domid)
+
+    def _load(self, gfns: Iterable[int]) -> int:
+        """Load these frames from the store if they are out; returns how many were loaded."""
+        loaded = 0
+        done = []
+        with self._lock:
+            for gfn in gfns:
+                if gfn not in self.out:
+                    continue
+                data = self.store.get_page(self.key, gfn)
+                if data is not None:
+                    try:
+                        self.ctrl.mem_paging_load(self.domid, gfn, data)
+                        loaded += 1
+                    except OSError as error:
+                        # ENOENT: the frame is not paged out (never evicted, or loaded before a crash): the
+                        # stored copy is stale either way.
+                        if error.errno != errno.ENOENT:
+                            raise
+                self.out.discard(gfn)
+                done.append(gfn)
+            # Forgetting loaded frames is only tidying (a stale copy is never loaded: Xen refuses a load into a
+            # frame that is not paged out, and a new page-out replaces it), so it is batched: one commit per
+            # REMOVE_BATCH frames or per idle moment of the ring, not an fsync per fault.
+            self._loaded_pending.extend(done)
+            if len(self._loaded_pending) >= REMOVE_BATCH:
+                self._flush_loaded()
+        return loaded
+
+    def _flush_loaded(self) -> None:
+        with self._lock:
+            if self._loaded_pending:
+                self.store.remove_pages(self.key, [g for g in self._loaded_pending if g not in self.out])
+                self._loaded_pending.clear()
+
+    def prefetch(self, gfns: Iterable[int]) -> int:
+        """Load these frames now if they are out (no fault, no vCPU pause); returns how many were loaded."""
+        wanted = [g for g in sorted(set(int(g) for g in gfns)) if g in self.out]
+        n = self._load(wanted)
+        self.stats.prefetched += n
+        return n
+
+    def page_in_all(self) -> int:
+        loaded = self.prefetch(list(self.out))
+        self._flush_loaded()
+        return loaded
+
+    # -- event prefetch (patch 0002)
+
+    def hold_events(self, enable: bool = True) -> int:
+        """Hold event delivery while frames are out, announcing each event on the ring; returns ports held."""
+        return self.ctrl.evtchn_prefetch(self.domid, enable)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python3 -m xenswap.hv.xen.pager", description=__doc__.splitlines()[0])
+    parser.add_argument("domain", help="domain name or id")
+    parser.add_argument("--store", type=Path, default=None, help=f"page store (default {default_store_path()})")
+    parser.add_argument("--page-out", metavar="FIRST-LAST", default=None,
+                        help="evict this gfn range (hex or decimal) after starting, then keep serving")
+    parser.add_argument("--page-out-cold", type=float, metavar="SECONDS", default=None,
+                        help="evict every frame not accessed during this many seconds (the access-bit harvest)")
+    parser.add_argument("--hold-events", action="store_true", help="hold events until the pager answers (0002)")
+    parser.add_argument("--page-in-all-on-exit", action="store_true")
+    args = parser.parse_args(argv)
+
+    from xenswap.hv.xen import open_hypervisor
+
+    hv = open_hypervisor()
+    domid = hv.domid(args.domain)
+    hv.close()
+    store = PageStore(args.store or default_store_path())
+    pager = DomainPager(domid, store).open()
+    print(f"pager: domain {domid}, {len(pager.out)} frames out in the store"
+          f"{', took over the ring of a previous pager' if pager.stats.restarts_recovered else ''}", flush=True)
+    if args.hold_events:
+        pager.hold_events(True)
+    from xenswap.hv.xen.memory import XenMemory
+
+    memory = XenMemory(domid, pager)
+    if args.page_out:
+        first, _, last = args.page_out.partition("-")
+        gfns = range(int(first, 0), int(last or first, 0) + 1)
+        started = time.monotonic()
+        n = pager.page_out(gfns)
+        print(f"pager: evicted {n} frames in {time.monotonic() - started:.2f} s", flush=True)
+    if args.page_out_cold is not None:
+        memory.accessed_pages_and_clear()
+        time.sleep(args.page_out_cold)
+        hot = set(memory.accessed_pages_and_clear())
+        started = time.monotonic()
+        n = pager.page_out(g for g in range(memory.guest_pages()) if g not in hot)
+        print(f"pager: evicted {n} cold frames in {time.monotonic() - started:.2f} s ({len(hot)} hot)", flush=True)
+    print(f"pager: serving; {len(pager.out)} frames out", flush=True)
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    signal.signal(signal.SIGINT, lambda *_: stop.set())
+    while not stop.wait(1.0):
+        pass
+    pager.close(page_in_all=args.page_in_all_on_exit)
+    print(f"pager: stopped; {pager.stats}", flush=True)
+    store.close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
