@@ -124,3 +124,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--batch", type=int, default=1024, help="frames per foreign mapping")
     p.add_argument("--json", action="store_true")
     p.set_defaults(handler=cmd_xen)
+
+    # The daemon's xenstore interface (request/policy/status) lives with the Xen automation.
+    from xenswap.hv.xen.automation import register_commands
+
+    register_commands(sub)

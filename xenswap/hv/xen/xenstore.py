@@ -106,6 +106,14 @@ class Watch:
         self.path = path
         self.token = token
         self.monitor = store.client.monitor()
+        self._paths: dict[str, str] = {}  # token -> watched path
+        self.add(path, token)
+
+    def add(self, path: str, token: str) -> None:
+        """Watch one more path on the same connection (its own token; ``next`` returns events of all)."""
+        if token in self._paths:
+            raise XenStoreError(f"token {token!r} already watches {self._paths[token]}")
+        self._paths[token] = path
         self.monitor.watch(_b(path), _b(token))
 
     def next(self, timeout: float | None = None) -> tuple[str, str]:
@@ -117,7 +125,8 @@ class Watch:
             except queue.Empty:
                 raise TimeoutError(f"no xenstore event on {self.path} within {timeout:g} s") from None
             changed, token = event.path.decode(errors="replace"), event.token.decode(errors="replace")
-            if token == self.token and (changed == self.path or changed.startswith(self.path.rstrip("/") + "/")):
+            watched = self._paths.get(token)
+            if watched is not None and (changed == watched or changed.startswith(watched.rstrip("/") + "/")):
                 return changed, token
 
     def skip_initial(self, timeout: float = 5.0) -> None:
