@@ -97,6 +97,13 @@ def guest_files() -> tuple[str, str]:
     return kernel, initrd
 
 
+@pytest.fixture(scope="module", autouse=True)
+def needs_patched_xen():
+    if "xenswap" not in _xl("info"):
+        pytest.fail("page sharing needs the patched hypervisor (CONFIG_MEM_SHARING, hypervisor-patches/): "
+                    "xl info does not say -xenswap")
+
+
 def _xl(*args: str) -> str:
     return subprocess.run(["xl", *args], capture_output=True, text=True, check=True).stdout
 

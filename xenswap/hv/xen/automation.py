@@ -360,6 +360,11 @@ def xl_shared_mib() -> dict[int, int]:
         out = subprocess.run(["xl", "sharing"], capture_output=True, text=True, timeout=30).stdout
     except (OSError, subprocess.TimeoutExpired):
         return {}
+    return parse_xl_sharing(out)
+
+
+def parse_xl_sharing(out: str) -> dict[int, int]:
+    """``xl sharing`` output (Name ID Mem Shared; names may hold spaces) as {domid: shared MiB}."""
     shared = {}
     for line in out.splitlines()[1:]:
         fields = line.split()

@@ -107,7 +107,7 @@ class ShareReport:
     pages_merged: int = 0  # guest pages moved onto a source frame by those calls
     already_shared: int = 0  # pages found on their group's source frame already (an earlier pass shared them)
     changed_before_share: int = 0  # the handle went stale (guest wrote the page after nomination)
-    unsafe_skipped: int = 0  # frames left alone: merging them would make Xen 4.17 BUG() (see _merge_order)
+    unsafe_skipped: int = 0  # frames left alone: merging them would make Xen 4.17 BUG() (see merge_order)
     share_failed: dict[str, int] = field(default_factory=dict)
     freed_frames_before: int = 0  # Xen-wide xc_sharing_freed_pages before and after the pass
     freed_frames_after: int = 0
@@ -155,7 +155,7 @@ class Frame:
         return {domid for domid, _ in self.pages}
 
 
-def _merge_order(source: Frame, clients: Sequence[Frame], report: ShareReport
+def merge_order(source: Frame, clients: Sequence[Frame], report: ShareReport
                  ) -> Iterator[tuple[Frame, tuple[int, int], tuple[int, int]]]:
     """(client frame, source page, client page) for each client frame that is safe to merge into source.
 
@@ -181,6 +181,21 @@ def _merge_order(source: Frame, clients: Sequence[Frame], report: ShareReport
             report.unsafe_skipped += 1
             continue
         yield pick
+
+
+def group_chunks(groups: list[list[PageRef]], batch: int) -> Iterator[list[list[PageRef]]]:
+    """Whole groups, packed into chunks of about ``batch`` pages (a bigger group is a chunk of its own): a group
+    is never split, so all its pages on one Xen frame are seen together (see ``merge_order``)."""
+    chunk: list[list[PageRef]] = []
+    size = 0
+    for group in groups:
+        chunk.append(group)
+        size += len(group)
+        if size >= batch:
+            yield chunk
+            chunk, size = [], 0
+    if chunk:
+        yield chunk
 
 
 class SharingRegistry:
@@ -333,7 +348,7 @@ class XenSharer:
         """One full pass over ``domids`` (at least one; self-sharing within one domain counts too).
 
         Every other domain this host's sharer enabled sharing for before is hashed and nominated too: a frame
-        shared with such a domain must be seen whole by the pass (see ``_merge_order``). Their pages are only
+        shared with such a domain must be seen whole by the pass (see ``merge_order``). Their pages are only
         moved together with a target domain's page already on the same frame, never merged anew."""
         if not domids:
             raise XenswapError("no domains to share pages between")
@@ -366,7 +381,7 @@ class XenSharer:
         report.groups = len(groups)
         nominate_failed: Counter = Counter()
         share_failed: Counter = Counter()
-        for chunk in self._group_chunks(groups):
+        for chunk in group_chunks(groups, self.batch):
             self._share_chunk(chunk, set(domids), report, nominate_failed, share_failed)
         report.nominate_failed = dict(nominate_failed)
         report.share_failed = dict(share_failed)
@@ -375,19 +390,6 @@ class XenSharer:
         report.audit_errors = self.audit()
         report.share_seconds = time.monotonic() - started
         return report
-
-    def _group_chunks(self, groups: list[list[PageRef]]) -> Iterator[list[list[PageRef]]]:
-        """Whole groups, packed into chunks of about ``batch`` pages (a bigger group is a chunk of its own)."""
-        chunk: list[list[PageRef]] = []
-        size = 0
-        for group in groups:
-            chunk.append(group)
-            size += len(group)
-            if size >= self.batch:
-                yield chunk
-                chunk, size = [], 0
-        if chunk:
-            yield chunk
 
     def _share_chunk(self, chunk: list[list[PageRef]], targets: set[int], report: ShareReport,
                      nominate_failed: Counter, share_failed: Counter) -> None:
@@ -419,7 +421,7 @@ class XenSharer:
         # 5. merge every client frame into its group's source frame
         for frames, zero in verified:
             source = frames[0]
-            for client, source_page, client_page in _merge_order(source, frames[1:], report):
+            for client, source_page, client_page in merge_order(source, frames[1:], report):
                 try:
                     self.ctrl.memshr_share_gfns(source_page[0], source_page[1], source.handle,
                                                 client_page[0], client_page[1], client.handle)
