@@ -52,18 +52,91 @@ def log(text: str) -> None:
 
 # ---------------------------------------------------------------- P1
 
+KPF_SWAPCACHE = 1 << 13  # include/uapi/linux/kernel-page-flags.h
 
-def bench_p1(n: int, mem: int, settle: float) -> dict:
+
+def mapped_swapcache_kib(pid: int) -> int:
+    """KiB of the process's mapped pages that are also in the swap cache (a page faulted back from swap keeps
+    its slot): PSS counts them already, so they must not be counted again in the swap-cache share."""
+    from array import array
+
+    from xenswap.hv.qemu.memory import PM_PFN_MASK, PM_PRESENT, anonymous_ranges
+
+    pfns = []
+    with open(f"/proc/{pid}/pagemap", "rb", buffering=0) as pagemap:
+        for addr, length in anonymous_ranges(pid):
+            data = os.pread(pagemap.fileno(), length // 4096 * 8, addr // 4096 * 8)
+            entries = array("Q")
+            entries.frombytes(data[: len(data) // 8 * 8])
+            pfns += [e & PM_PFN_MASK for e in entries if e & PM_PRESENT]
+    count = 0
+    with open("/proc/kpageflags", "rb", buffering=0) as flags:
+        for pfn in pfns:
+            word = os.pread(flags.fileno(), 8, pfn * 8)
+            if len(word) == 8 and int.from_bytes(word, "little") & KPF_SWAPCACHE:
+                count += 1
+    return count * 4
+
+
+def pss_breakdown_kib(pid: int) -> dict[str, int]:
+    """PSS by kind of mapping: guest RAM, QEMU's other anonymous/private memory, the guest kernel file QEMU maps
+    (-kernel vmlinux), and other files (QEMU binary and libraries)."""
+    out = {"guest_ram": 0, "qemu_anon": 0, "kernel_file": 0, "other_files": 0}
+    current = None
+    size = 0
+    with open(f"/proc/{pid}/smaps") as smaps:
+        for line in smaps:
+            first = line.split(maxsplit=1)[0]
+            if "-" in first and not first.endswith(":"):
+                parts = line.split()
+                start, end = (int(x, 16) for x in parts[0].split("-"))
+                size = end - start
+                path = parts[5] if len(parts) > 5 else ""
+                if path.endswith("vmlinux") or path.endswith("vmlinuz"):
+                    current = "kernel_file"
+                elif path.startswith("/") and not path.startswith("/memfd:"):
+                    current = "other_files"
+                else:
+                    current = "guest_ram" if size >= 64 << 20 else "qemu_anon"
+            elif first == "Pss:" and current:
+                out[current] += int(line.split()[1])
+            elif first == "Private_Dirty:" and current == "other_files":
+                # copied-on-write pages of a file map (.data, .bss, RELRO) are QEMU's own anonymous memory
+                dirty = int(line.split()[1])
+                out["other_files"] -= dirty
+                out["qemu_anon"] += dirty
+    return out
+
+
+def p1_snapshot(vms: list[QemuVM], swapcache0: int) -> dict:
+    n = len(vms)
+    pss = [pss_kib(vm.pid) for vm in vms]
+    mapped_sc = [mapped_swapcache_kib(vm.pid) for vm in vms]
+    growth = max(0, meminfo("SwapCached") - swapcache0)
+    breakdown = [pss_breakdown_kib(vm.pid) for vm in vms]
+    return {
+        "pss_kib_per_vm": statistics.mean(pss),
+        "swapcache_growth_kib_per_vm": growth / n,
+        "mapped_swapcache_kib_per_vm": statistics.mean(mapped_sc),
+        # the swap cache's growth minus what PSS counts already (mapped swap-cache pages), never below 0
+        "unmapped_swapcache_kib_per_vm": max(0.0, growth - sum(mapped_sc)) / n,
+        "pss_breakdown_kib_per_vm": {k: statistics.mean(b[k] for b in breakdown) for k in breakdown[0]},
+    }
+
+
+def bench_p1(n: int, mem: int, settle: float, boot: str = "pvh", paused: bool = True) -> dict:
     hv = open_hypervisor()
     vms: list[QemuVM] = []
     try:
         t0 = time.monotonic()
         for i in range(n):
-            vms.append(QemuVM.create(f"{TAG}p1-{i}", mem_mib=mem, network=False, timeout=300))
+            vms.append(QemuVM.create(f"{TAG}p1-{i}", mem_mib=mem, network=False, timeout=300, boot=boot))
             log(f"P1: booted {i + 1}/{n} ({time.monotonic() - t0:.0f} s)")
+        boot_times = [vm.config.up_s for vm in vms if vm.config.up_s]
+        boot_s = statistics.median(boot_times) if boot_times else None
         time.sleep(settle)
         swapcache0 = meminfo("SwapCached")
-        resident = [pss_kib(vm.pid) for vm in vms]
+        resident = p1_snapshot(vms, swapcache0)
         manager = Manager(hv, mechanism_factory_for(hv))
         # Idle working sets of all guests at once: two 5 s windows (clear all, wait, read all).
         mechs = {vm.name: manager.mechanism(vm.name) for vm in vms}
@@ -79,18 +152,24 @@ def bench_p1(n: int, mem: int, settle: float) -> dict:
         pageout_s = time.monotonic() - t1
         log(f"P1: paged out {n} guests to their working sets in {pageout_s:.1f} s; idling {settle:.0f} s")
         time.sleep(settle)
-        managed = [pss_kib(vm.pid) for vm in vms]
-        swapcache_share = max(0, meminfo("SwapCached") - swapcache0) / n
+        managed = p1_snapshot(vms, swapcache0)
         wss = [len(manager.state(vm.name).model.resident_set(time.time())) * 4 for vm in vms]
-        return {
-            "n": n, "mem_mib": mem, "settle_s": settle,
-            "resident_kib_per_vm": statistics.mean(resident),
-            "managed_kib_per_vm": statistics.mean(managed) + swapcache_share,
-            "managed_pss_kib_per_vm": statistics.mean(managed),
-            "swapcache_share_kib_per_vm": swapcache_share,
+        result = {
+            "n": n, "mem_mib": mem, "settle_s": settle, "boot": boot, "boot_s_median": boot_s,
+            "resident": resident, "managed": managed,
             "idle_wss_kib_mean": statistics.mean(wss),
             "pageout_s_total": pageout_s,
         }
+        if paused:
+            # Long idle: the policy pauses and pages out everything (QEMU's own idle working set stays or goes
+            # as PolicyConfig.keep_hypervisor_ws_paused says).
+            for vm in vms:
+                manager.page_out(vm.name, keep_ws=False)
+            log(f"P1: paused and paged out {n} guests entirely; idling {settle:.0f} s")
+            time.sleep(settle)
+            result["paused"] = p1_snapshot(vms, swapcache0)
+            result["keep_hypervisor_ws_paused"] = manager.config.keep_hypervisor_ws_paused
+        return result
     finally:
         for vm in vms:
             try:
@@ -124,28 +203,35 @@ def wait_phase(manager: Manager, name: str, phase: str, timeout: float = 10) -> 
         time.sleep(0.02)
 
 
-# Wake-up configurations of the paused scenarios: (persistent QMP connection for cont, host neighbour entry
-# pinned so the host does not ARP for the paused guest, waker thread at real-time priority, QEMU's own idle
-# working set kept resident).
-P2_CONFIGS = {
-    "before": (False, False, False, False),  # short QMP connection, host ARPs first, QEMU paged out too
-    "qmp": (True, False, False, False),
-    "qmp+pin": (True, True, False, False),
-    "qmp+pin+rt": (True, True, True, False),
-    "qmp+pin+rt+keep": (True, True, True, True),
-}
+# Wake-up configurations of the paused scenarios: "before" or features joined by "+":
+#   qmp   stop/cont over a persistent QMP connection (else a new connection each time)
+#   pin   the host's neighbour entry for the guest pinned, so the host does not ARP for the paused guest first
+#   rt    the waker thread (which prefetches and resumes) at real-time priority
+#   keep  QEMU's own idle working set stays resident when the guest is paused (else paged out too)
+#   map   prefetched pages are also mapped into QEMU before the resume (else only read into the swap cache)
+P2_FEATURES = ("qmp", "pin", "rt", "keep", "map")
 DEFAULT_P2_CONFIGS = ("before", "qmp+pin", "qmp+pin+rt", "qmp+pin+rt+keep")
+
+
+def p2_features(config: str) -> set[str]:
+    features = set() if config == "before" else set(config.split("+"))
+    unknown = features - set(P2_FEATURES)
+    if unknown:
+        raise ValueError(f"unknown P2 feature(s) {sorted(unknown)} in {config!r}: before, or {'+'.join(P2_FEATURES)}")
+    return features
 
 
 def configure_wake(manager: Manager, config: str) -> None:
     from xenswap.hv.qemu import vm as vm_module
 
-    persistent, pin, realtime, keep = P2_CONFIGS[config]
-    vm_module.use_persistent_monitors(persistent)
-    manager.waker.pin_neighbours = pin
-    if not manager.waker.waker.set_realtime(realtime) and realtime:
+    features = p2_features(config)
+    vm_module.use_persistent_monitors("qmp" in features)
+    manager.waker.pin_neighbours = "pin" in features
+    if not manager.waker.waker.set_realtime("rt" in features) and "rt" in features:
         log("P2: cannot make the waker thread real-time (needs CAP_SYS_NICE)")
-    manager.config.keep_hypervisor_ws_paused = keep
+    manager.config.keep_hypervisor_ws_paused = "keep" in features
+    for mech in manager._mechanisms.values():
+        mech.map_on_prefetch = "map" in features
 
 
 def bench_p2(mem: int, reps: int, configs: tuple[str, ...] = DEFAULT_P2_CONFIGS, restore: bool = True) -> dict:
@@ -382,14 +468,28 @@ def median(values: list[float]) -> float:
 
 def report(p1: dict | None, p2: dict | None) -> None:
     if p1:
-        print(f"P1: host memory per idle guest, N={p1['n']} guests of {p1['mem_mib']} MiB "
-              f"(settled {p1['settle_s']:.0f} s)")
-        print(f"  fully resident (anchor)  {p1['resident_kib_per_vm'] / 1024:8.1f} MiB")
-        print(f"  managed (working set)    {p1['managed_kib_per_vm'] / 1024:8.1f} MiB  "
-              f"(PSS {p1['managed_pss_kib_per_vm'] / 1024:.1f}"
-              f" + swap cache {p1['swapcache_share_kib_per_vm'] / 1024:.1f};"
-              f" idle WSS {p1['idle_wss_kib_mean'] / 1024:.1f} MiB)")
-        print(f"  ratio resident/managed   {p1['resident_kib_per_vm'] / p1['managed_kib_per_vm']:8.1f}x")
+        print(f"P1: host memory per idle guest, N={p1['n']} guests of {p1['mem_mib']} MiB, boot {p1['boot']} "
+              f"(median boot {p1['boot_s_median'] or float('nan'):.1f} s; settled {p1['settle_s']:.0f} s; "
+              f"idle WSS {p1['idle_wss_kib_mean'] / 1024:.1f} MiB)")
+        print(f"  {'':28s} {'PSS':>7s} {'+unmapped':>9s} {'=total':>7s} {'(upper)':>8s}   PSS: "
+              "guest RAM / QEMU anon / kernel file / other files")
+        for label in ("resident", "managed", "paused"):
+            f = p1.get(label)
+            if not f:
+                continue
+            total = f["pss_kib_per_vm"] + f["unmapped_swapcache_kib_per_vm"]
+            upper = f["pss_kib_per_vm"] + f["swapcache_growth_kib_per_vm"]
+            b = f["pss_breakdown_kib_per_vm"]
+            print(f"  {label:28s} {f['pss_kib_per_vm'] / 1024:7.1f} {f['unmapped_swapcache_kib_per_vm'] / 1024:9.1f} "
+                  f"{total / 1024:7.1f} {upper / 1024:8.1f}   "
+                  f"{b['guest_ram'] / 1024:.1f} / {b['qemu_anon'] / 1024:.1f} / {b['kernel_file'] / 1024:.1f} / "
+                  f"{b['other_files'] / 1024:.1f}  (MiB per guest)")
+        res = p1["resident"]["pss_kib_per_vm"] + p1["resident"]["unmapped_swapcache_kib_per_vm"]
+        for label in ("managed", "paused"):
+            f = p1.get(label)
+            if f:
+                print(f"  ratio resident/{label}: "
+                      f"{res / (f['pss_kib_per_vm'] + f['unmapped_swapcache_kib_per_vm']):.1f}x")
     if p2:
         s = p2["scenarios"]
         print(f"P2: wake-to-reply, median of {p2['reps']} (ms), [min-max]")
@@ -422,10 +522,15 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--n", type=int, default=20, help="P1 guests (default 20)")
     parser.add_argument("--mem", type=int, default=128, help="guest MiB (default 128)")
+    parser.add_argument("--boot", choices=["pvh", "bzimage"], default="pvh",
+                        help="P1 guests' kernel: uncompressed vmlinux at its PVH entry (QEMU keeps the file mapped) "
+                             "or the compressed bzImage (read into QEMU's own memory)")
+    parser.add_argument("--no-paused", action="store_true", help="P1 without the paused phase")
     parser.add_argument("--settle", type=float, default=30, help="P1 idle seconds before measuring (default 30)")
     parser.add_argument("--reps", type=int, default=5, help="P2 repetitions (default 5)")
     parser.add_argument("--p2-configs", default=",".join(DEFAULT_P2_CONFIGS),
-                        help=f"P2 wake-up configurations to compare, of {', '.join(P2_CONFIGS)}")
+                        help=f"P2 wake-up configurations to compare: before, or features joined by + "
+                             f"({', '.join(P2_FEATURES)})")
     parser.add_argument("--no-restore", action="store_true", help="P2 without the QMP save + restore anchor")
     parser.add_argument("--only", choices=["p1", "p2", "ws-table", "ws-plot"], help="run one part")
     parser.add_argument("--window", type=float, default=30, help="ws-table idle window (s), default 30")
@@ -450,11 +555,13 @@ def main() -> int:
         if args.json:
             print(json.dumps(plot))
         return 0
-    p1 = bench_p1(args.n, args.mem, args.settle) if args.only in (None, "p1") else None
+    p1 = bench_p1(args.n, args.mem, args.settle, args.boot, not args.no_paused) if args.only in (None, "p1") else None
     configs = tuple(c for c in args.p2_configs.split(",") if c)
-    unknown = [c for c in configs if c not in P2_CONFIGS]
-    if unknown:
-        parser.error(f"unknown P2 configuration(s) {unknown}: {', '.join(P2_CONFIGS)}")
+    try:
+        for config in configs:
+            p2_features(config)
+    except ValueError as exc:
+        parser.error(str(exc))
     p2 = bench_p2(args.mem, args.reps, configs, not args.no_restore) if args.only in (None, "p2") else None
     report(p1, p2)
     if args.json:
