@@ -206,11 +206,11 @@ def wait_phase(manager: Manager, name: str, phase: str, timeout: float = 10) -> 
 # Wake-up configurations of the paused scenarios: "before" or features joined by "+":
 #   qmp   stop/cont over a persistent QMP connection (else a new connection each time)
 #   pin   the host's neighbour entry for the guest pinned, so the host does not ARP for the paused guest first
-#   rt    the waker thread (which prefetches and resumes) at real-time priority
 #   keep  QEMU's own idle working set stays resident when the guest is paused (else paged out too)
-#   map   prefetched pages are also mapped into QEMU before the resume (else only read into the swap cache)
-P2_FEATURES = ("qmp", "pin", "rt", "keep", "map")
-DEFAULT_P2_CONFIGS = ("before", "qmp+pin", "qmp+pin+rt", "qmp+pin+rt+keep")
+# (Also measured and dropped, see docs/benchmarks-paging.md: the waker thread at real-time priority, and mapping
+# the prefetched pages before the resume.)
+P2_FEATURES = ("qmp", "pin", "keep")
+DEFAULT_P2_CONFIGS = ("before", "qmp+pin", "qmp+pin+keep")
 
 
 def p2_features(config: str) -> set[str]:
@@ -227,11 +227,7 @@ def configure_wake(manager: Manager, config: str) -> None:
     features = p2_features(config)
     vm_module.use_persistent_monitors("qmp" in features)
     manager.waker.pin_neighbours = "pin" in features
-    if not manager.waker.waker.set_realtime("rt" in features) and "rt" in features:
-        log("P2: cannot make the waker thread real-time (needs CAP_SYS_NICE)")
     manager.config.keep_hypervisor_ws_paused = "keep" in features
-    for mech in manager._mechanisms.values():
-        mech.map_on_prefetch = "map" in features
 
 
 def bench_p2(mem: int, reps: int, configs: tuple[str, ...] = DEFAULT_P2_CONFIGS, restore: bool = True) -> dict:

@@ -80,20 +80,3 @@ def test_gone_process_is_reported(memchild):
         pass
     else:
         raise AssertionError("page-out of an exited process did not fail")
-
-
-def test_prefetch_that_maps_leaves_pages_resident_and_unchanged(memchild):
-    """map_on_prefetch: after WILLNEED the pages are faulted in through /proc/PID/mem, so the process takes no
-    fault on them when it runs again."""
-    child = memchild(2048)
-    mech = child.mechanism()
-    before = child.checksum()
-    mech.page_out()
-    assert mech.counts()["resident"] <= 32
-    mech.map_on_prefetch = True
-    mech.prefetch(range(100, 600))
-    resident = set(mech.resident_pages())
-    written = {page for page in range(100, 600) if page % 4}  # every 4th page was never written (zero page)
-    assert written <= resident
-    assert len(resident - written) <= 32  # only what was asked for
-    assert child.checksum() == before

@@ -47,9 +47,10 @@ class PolicyConfig:
     allow_pause: bool = True
     measure_idle_ws: int = 3  # idle-interval observations to take before the first page-out to working set
     frequent_rate: float = 1 / 300  # events/s above which an event's working set stays resident
-    # Paused guests: keep the hypervisor's own idle working set (QEMU's main loop, TCG code) resident instead
-    # of paging it out too (see docs/benchmarks-paging.md for what each choice measured).
-    keep_hypervisor_ws_paused: bool = False
+    # Paused guests: keep the hypervisor's own idle working set (QEMU's main loop, TCG code: a few MiB) resident
+    # instead of paging it out too: the wake-up then does not wait on QEMU itself paging in (P2 in
+    # docs/benchmarks-paging.md: paused + prefetch 14.5 / 21.2 ms ping / HTTP with it, 19.0 / 42.0 without).
+    keep_hypervisor_ws_paused: bool = True
 
 
 @dataclass

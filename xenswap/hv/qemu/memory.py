@@ -38,9 +38,6 @@ MADV_COLD = 20
 MADV_PAGEOUT = 21
 IOV_MAX = 1024  # UIO_MAXIOV: iovecs per process_madvise call
 
-# Map prefetched pages too (see ProcessMemory.map_on_prefetch); module-wide default, switchable for the benchmark.
-MAP_ON_PREFETCH = False
-
 PM_PRESENT = 1 << 63
 PM_SWAPPED = 1 << 62
 PM_EXCLUSIVE = 1 << 56  # mapped by this process only: excludes the shared zero page (read-only faults)
@@ -101,11 +98,6 @@ class ProcessMemory:
         self.overhead_ws: list[tuple[int, int]] = []  # host (addr, length) runs of QEMU's own working set
         # Trim the swap cache after page-outs when swap is asynchronous (a file); zram frees pages at once.
         self.trim = swap_is_asynchronous() if trim is None else trim
-        # After MADV_WILLNEED (reads started, all at once), also map the pages into the process (a read through
-        # /proc/PID/mem faults each one in, waiting for its read): the resumed guest then takes no fault at all
-        # on them, where otherwise it waits on each still-in-flight read and takes a minor fault per page.
-        self.map_on_prefetch = MAP_ON_PREFETCH
-        self._mem_fd = -1
 
     def alive(self) -> bool:
         """False once the process exited (its pidfd turns readable); a restarted QEMU needs a new mechanism."""
@@ -114,24 +106,12 @@ class ProcessMemory:
         return not select.select([self.pidfd], [], [], 0)[0]
 
     def close(self) -> None:
-        for fd in (self.pidfd, self._pagemap, self._mem_fd):
-            if fd < 0:
-                continue
+        for fd in (self.pidfd, self._pagemap):
             try:
                 os.close(fd)
             except OSError:
                 pass
-        self.pidfd = self._pagemap = self._mem_fd = -1
-
-    def _map_ranges(self, ranges: list[tuple[int, int]]) -> None:
-        """Fault (addr, length) ranges into the process by reading them through /proc/PID/mem."""
-        if self._mem_fd < 0:
-            self._mem_fd = os.open(f"/proc/{self.pid}/mem", os.O_RDONLY)
-        buffer = bytearray(1 << 20)
-        for addr, length in ranges:
-            for off in range(0, length, len(buffer)):
-                with contextlib.suppress(OSError):  # a mapping that went away meanwhile
-                    os.preadv(self._mem_fd, [memoryview(buffer)[: min(len(buffer), length - off)]], addr + off)
+        self.pidfd = self._pagemap = -1
 
     def __enter__(self) -> ProcessMemory:
         return self
@@ -228,16 +208,12 @@ class ProcessMemory:
         """Start reading back what ``release_overhead`` paged out of QEMU itself; returns bytes advised."""
         if not self.overhead_ws:
             return 0
-        ranges = self.overhead_ws
         try:
-            done = process_madvise(self.pidfd, ranges, MADV_WILLNEED)
+            return process_madvise(self.pidfd, self.overhead_ws, MADV_WILLNEED)
         except MemoryMechanismError:  # a mapping went away since (QEMU freed it): advise what still exists
             valid = {(s, n) for s, n in anonymous_ranges(self.pid)}
-            ranges = [(a, n) for a, n in self.overhead_ws if any(s <= a and a + n <= s + m for s, m in valid)]
-            done = process_madvise(self.pidfd, ranges, MADV_WILLNEED)
-        if self.map_on_prefetch:
-            self._map_ranges(ranges)
-        return done
+            keep = [(a, n) for a, n in self.overhead_ws if any(s <= a and a + n <= s + m for s, m in valid)]
+            return process_madvise(self.pidfd, keep, MADV_WILLNEED)
 
     def _resident_runs(self, ranges: list[tuple[int, int]]) -> list[tuple[int, int]]:
         """(addr, length) runs of the pages in ``ranges`` resident for this process alone."""
@@ -272,12 +248,7 @@ class ProcessMemory:
         process_madvise(self.pidfd, ranges, MADV_PAGEOUT)
 
     def prefetch(self, gfns: Iterable[int]) -> int:
-        gfns = list(gfns)
-        n = self._advise(gfns, MADV_WILLNEED)
-        if self.map_on_prefetch:
-            self._map_ranges([(self.base + first * PAGE_SIZE, count * PAGE_SIZE)
-                              for first, count in to_ranges(gfns) if first + count <= self.guest_pages()])
-        return n
+        return self._advise(list(gfns), MADV_WILLNEED)
 
     def accessed_pages_and_clear(self) -> list[int]:
         """Frames touched since the previous call (see the module doc); the first call only clears."""

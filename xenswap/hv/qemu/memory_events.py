@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import collections
 import contextlib
-import os
 import select
 import socket
 import struct
@@ -129,32 +128,14 @@ class PacketWaker:
     paging it out), ``unwatch(name)`` disarms it; on the first classified frame the guest is disarmed and
     the callback runs in the waker's thread (it must prefetch and resume)."""
 
-    def __init__(self, on_packet: Callable[[str, str, float], None], realtime: bool = True) -> None:
+    def __init__(self, on_packet: Callable[[str, str, float], None]) -> None:
         self.on_packet = on_packet
-        self._started = threading.Event()
         self._socks: dict[str, socket.socket] = {}
         self._lock = threading.Lock()
         self._wakeup_r, self._wakeup_w = socket.socketpair()
         self._stop = False
         self._thread = threading.Thread(target=self._run, name="xenswap-packet-waker", daemon=True)
         self._thread.start()
-        self._started.wait(5)
-        self.set_realtime(realtime)
-
-    def set_realtime(self, on: bool) -> bool:
-        """Run the waker thread (which also prefetches and resumes) at real-time priority (SCHED_FIFO 1, not
-        inherited by children): on a loaded host an ordinary thread waited up to ~15 ms for a CPU before it
-        even saw the frame. It blocks in select() otherwise, so it takes no CPU from anyone while idle.
-        Returns whether the requested policy is in force (needs CAP_SYS_NICE)."""
-        tid = self._thread.native_id
-        try:
-            if on:
-                os.sched_setscheduler(tid, os.SCHED_FIFO | os.SCHED_RESET_ON_FORK, os.sched_param(1))
-            else:
-                os.sched_setscheduler(tid, os.SCHED_OTHER, os.sched_param(0))
-        except (OSError, TypeError):
-            return False
-        return True
 
     def watch(self, name: str, tap: str) -> None:
         s = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(ETH_P_ALL))
@@ -191,7 +172,6 @@ class PacketWaker:
         self._wakeup_w.close()
 
     def _run(self) -> None:
-        self._started.set()
         while not self._stop:
             with self._lock:
                 watched = {s: name for name, s in self._socks.items()}
