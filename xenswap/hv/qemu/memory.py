@@ -96,6 +96,7 @@ class ProcessMemory:
         self._pagemap = os.open(f"/proc/{pid}/pagemap", os.O_RDONLY)
         self._measuring = False
         self.overhead_ws: list[tuple[int, int]] = []  # host (addr, length) runs of QEMU's own working set
+        self._overhead_released = False  # the last release_overhead paged QEMU's own memory out
         # Trim the swap cache after page-outs when swap is asynchronous (a file); zram frees pages at once.
         self.trim = swap_is_asynchronous() if trim is None else trim
 
@@ -192,9 +193,11 @@ class ProcessMemory:
         if keep_working_set and self.overhead_ws:
             # What QEMU faulted back since the previous release is its own idle working set: keep it
             # (a few MiB) so that a paused guest's wake-up does not wait on QEMU's main loop paging in.
+            self._overhead_released = False
             return 0
         if present:
             self.overhead_ws = present
+        self._overhead_released = True
         with _rotating_cpus() as cpus:
             for cpu in cpus[:2] or [None]:
                 if cpu is not None:
@@ -205,8 +208,10 @@ class ProcessMemory:
         return done
 
     def prefetch_overhead(self) -> int:
-        """Start reading back what ``release_overhead`` paged out of QEMU itself; returns bytes advised."""
-        if not self.overhead_ws:
+        """Start reading back what ``release_overhead`` paged out of QEMU itself; returns bytes advised. Nothing
+        when the last release kept QEMU's idle working set: reading back all it had resident when it was last
+        released (tens of MiB after boot) cost a kept-resident wake-up ~4 ms for pages it mostly does not need."""
+        if not self.overhead_ws or not self._overhead_released:
             return 0
         try:
             return process_madvise(self.pidfd, self.overhead_ws, MADV_WILLNEED)
