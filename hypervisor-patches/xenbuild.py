@@ -44,6 +44,8 @@ OUR_SOURCES = APT_SOURCES / "xenswap-src.sources"
 RECIPE_VERSION = "1"
 # Shown by `xl info` as part of xen_extra, so a booted hypervisor says it is ours.
 VENDOR_VERSION = "-xenswap"
+# A source version apt could not fetch is not asked for again for this long.
+UNFETCHABLE_RETRY_S = 24 * 3600
 
 
 def log(message: str) -> None:
@@ -154,6 +156,11 @@ def fetch_source(preferred: str | None) -> tuple[str, Path]:
         target = root / version
         if (target / ".complete").exists():
             return version, next(p for p in target.iterdir() if p.is_dir())
+        unfetchable = root / f"{version}.unfetchable"
+        if unfetchable.exists() and time.time() - unfetchable.stat().st_mtime < UNFETCHABLE_RETRY_S:
+            # Tried lately and not served: asking apt again costs a minute of retries on every rig boot.
+            failures.append(f"{version}: {unfetchable.read_text().strip()} (cached failure)")
+            continue
         partial = target.with_name(version + ".partial")
         shutil.rmtree(partial, ignore_errors=True)
         partial.mkdir(parents=True)
@@ -164,6 +171,7 @@ def fetch_source(preferred: str | None) -> tuple[str, Path]:
             # The security archive sometimes serves a binary whose source is not (yet) reachable.
             failures.append(f"{version}: {str(error).splitlines()[-1]}")
             shutil.rmtree(partial, ignore_errors=True)
+            unfetchable.write_text(str(error).splitlines()[-1] + "\n")
             continue
         (partial / ".complete").touch()
         shutil.rmtree(target, ignore_errors=True)

@@ -73,12 +73,28 @@ def test_response_echoes_what_xen_matches_on():
     assert (held.reason, held.port, held.flags) == (xc.REASON_XENSWAP_EVTCHN, 5, 0)
 
 
+@pytest.mark.dom0
 def test_paging_load_rejects_a_short_page_before_calling_xen():
-    # Reaching the size check needs a handle; without Xen the open fails first, which is the path tested above.
-    if NO_XEN:
-        pytest.skip("needs a Xen dom0 to get a handle")
+    # Reaching the size check needs a handle: in the rig's dom0 (without Xen the open fails first, tested above).
     with bindings.open_xenctrl() as ctrl, pytest.raises(ValueError, match="4096"):
         ctrl.mem_paging_load(0, 0, b"x" * 10)
+
+
+@pytest.mark.dom0
+def test_calls_on_dom0_fail_with_xens_errno_and_the_function_name():
+    """dom0 itself has no paging ring and no NPT: Xen's refusals come back as OSError naming the C call."""
+    with bindings.open_xenctrl() as ctrl:
+        with pytest.raises(OSError) as caught:
+            ctrl.mem_paging_nominate(0, 0x100)
+        assert caught.value.filename == "xc_mem_paging_nominate" and caught.value.errno in (errno.EINVAL,
+                                                                                            errno.EPERM,
+                                                                                            errno.ENODEV,
+                                                                                            errno.EOPNOTSUPP,
+                                                                                            errno.ENOSYS)
+        with pytest.raises(OSError) as caught:
+            ctrl.harvest_accessed(0, 0, 64)
+        assert caught.value.filename == "XEN_DOMCTL_xenswap_op(harvest_accessed)"
+        assert ctrl.domain_maximum_gpfn(0) > 0
 
 
 @given(st.binary(max_size=64), st.integers(min_value=0, max_value=1 << 40))

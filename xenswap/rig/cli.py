@@ -51,7 +51,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     from xenswap.rig import Rig
 
     rig = Rig.attach(args.state_dir)
-    rc, _out = rig.run(" ".join(args.cmd), timeout=args.timeout, cwd=args.cwd, on_output=_stream)
+    cmd = args.cmd[1:] if args.cmd[:1] == ["--"] else args.cmd  # `xenswap rig run -- CMD` too
+    rc, _out = rig.run(" ".join(cmd), timeout=args.timeout, cwd=args.cwd, on_output=_stream)
     return rc
 
 

@@ -43,6 +43,7 @@ class XenMemory:
         self.ctrl = pager.ctrl
         info = load_xc().xc().domain_getinfo(domid, 1)[0]
         self.uuid_handle = list(info["handle"])
+        self._recent: set[int] = set()  # accessed in the last harvest interval
         self._pages = min(int(info["maxmem_kb"]) // (PAGE_SIZE // 1024), LOW_RAM_LIMIT_PAGES,
                           self.ctrl.domain_maximum_gpfn(domid) + 1)
 
@@ -64,12 +65,16 @@ class XenMemory:
         following harvests are exact to the 4 KiB frame."""
         accessed = bindings.harvest_working_set(self.ctrl, self.domid, 0, self._pages, clear=True)
         self.pager.split_superpages(accessed, limit=self._pages)
+        self._recent = set(accessed)
         return accessed
 
     def page_out(self, gfns: Iterable[int] | None = None) -> int:
+        """Page out these frames, except those touched in the last harvest interval: a frame the guest uses
+        now is kept even if asked for (it would fault straight back, and under the emulated NPT a hot frame can
+        look cold for one interval: see docs/xen.md)."""
         wanted = range(self._pages) if gfns is None else [g for g in gfns if 0 <= g < self._pages]
         wanted = list(wanted)
-        self.pager.page_out(wanted)
+        self.pager.page_out(g for g in wanted if g not in self._recent)
         return len(wanted)
 
     def prefetch(self, gfns: Iterable[int]) -> int:

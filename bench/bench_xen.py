@@ -1,0 +1,206 @@
+"""P6: wake-to-reply of one PVH guest on the patched Xen in the nested rig, three ways in one run.
+
+* prefetch: the guest paged out to its idle working set (our dom0 pager, page store), the event-prefetch hook on
+  (patch 0002): the console event is held, the pager loads the console event's measured working set, then the
+  event is delivered;
+* demand: the same page-out, hook off: every frame the command touches faults in through the paging ring;
+* xl save / xl restore: the guest saved to a file and restored (the toolstack's way to get an idle guest's memory
+  back), then the same command.
+
+Wake-to-reply = from typing a command on the guest's console (its pty; no vif in the rig) to its output in the
+console log; for save/restore it starts with ``xl restore``.
+
+    .venv/bin/python bench/bench_xen.py            # boots the rig with the patched hypervisor (host, root)
+    python3 bench/bench_xen.py --in-dom0           # the measurement itself, run by the above inside dom0
+
+Prints a table and the ratios; --json for raw figures.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import secrets
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+CHECKOUT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(CHECKOUT))
+
+
+# ---------------------------------------------------------------- dom0 side
+
+def xl(*args: str, timeout: float = 600) -> str:
+    proc = subprocess.run(["xl", *args], capture_output=True, text=True, timeout=timeout)
+    if proc.returncode != 0:
+        raise RuntimeError(f"xl {' '.join(args)}: {proc.stderr.strip()[-500:]}")
+    return proc.stdout
+
+
+def console_round_trip(name: str, command: str = "ls / >/dev/null; date", timeout: float = 300) -> float:
+    """Seconds from typing ``command`` on the guest's console to its end marker in the console log."""
+    from xenswap.hv.xen import xl as xlh
+
+    domid = int(xl("domid", name))
+    tty = subprocess.run(["xenstore-read", f"/local/domain/{domid}/console/tty"], capture_output=True,
+                         text=True, check=True).stdout.strip()
+    token = secrets.token_hex(4)
+    log = xlh.console_log(name)
+    started = time.monotonic()
+    with open(tty, "w") as pty:
+        pty.write(f"{command}; echo {token}-$((40+2))\n")
+    while time.monotonic() - started < timeout:
+        if f"{token}-42" in log.read_text(errors="replace"):
+            return time.monotonic() - started
+        time.sleep(0.01)
+    raise RuntimeError(f"{name}: no reply to {command!r} within {timeout} s")
+
+
+def dom0_main(reps: int, memory_mib: int) -> dict:
+    from xenswap.core.page_store import PageStore
+    from xenswap.hv.xen import xl as xlh
+    from xenswap.hv.xen.memory import XenMemory
+    from xenswap.hv.xen.memory_events import EventPrefetcher
+    from xenswap.hv.xen.pager import DomainPager
+
+    name = f"bench-{secrets.token_hex(2)}"
+    spec = xlh.GuestSpec(name=name, kernel=Path(os.environ["XENSWAP_GUEST_KERNEL"]),
+                         initrd=Path(os.environ["XENSWAP_GUEST_INITRD"]), kind="pvh", memory_mib=memory_mib)
+    figures: dict = {"memory_mib": memory_mib, "reps": reps}
+    save_file = Path(f"/tmp/{name}.save")
+    xlh.create(spec)
+    try:
+        xlh.wait_for_console(name, xlh.GUEST_UP_MARKER, 180)
+        time.sleep(3)
+        figures["resident"] = [console_round_trip(name) for _ in range(reps)]
+
+        # xl save / xl restore of the untouched guest
+        restore = []
+        for _ in range(reps):
+            started = time.monotonic()
+            xl("save", name, str(save_file))
+            figures.setdefault("save_s", []).append(time.monotonic() - started)
+            started = time.monotonic()
+            xl("restore", str(save_file))
+            restored = time.monotonic() - started
+            restore.append(restored + console_round_trip(name))
+            figures.setdefault("restore_only_s", []).append(restored)
+            save_file.unlink()
+        figures["xl_restore"] = restore
+
+        domid = int(xl("domid", name))
+        store = PageStore(f"/tmp/{name}.pages.db")
+        pager = DomainPager(domid, store).open()
+        memory = XenMemory(domid, pager)
+        # the console event's working set, measured as the core engine does (accessed bits around one event);
+        # the first harvest is coarse (superpages) and splits them
+        memory.accessed_pages_and_clear()
+        time.sleep(2)
+        memory.accessed_pages_and_clear()
+        console_round_trip(name)
+        memory.accessed_pages_and_clear()
+        console_round_trip(name)
+        console_ws = memory.accessed_pages_and_clear()
+        figures["console_ws_pages"] = len(console_ws)
+
+        def page_out() -> None:
+            memory.accessed_pages_and_clear()
+            time.sleep(2)
+            hot = set(memory.accessed_pages_and_clear())
+            time.sleep(2)
+            hot |= set(memory.accessed_pages_and_clear())
+            started = time.monotonic()
+            memory.page_out(g for g in range(memory.guest_pages()) if g not in hot)
+            figures.setdefault("page_out_s", []).append(time.monotonic() - started)
+            figures.setdefault("idle_ws_pages", []).append(len(hot))
+            figures.setdefault("out_pages", []).append(len(pager.out))
+
+        prefetched = []
+        prefetcher = EventPrefetcher(pager, lambda kind: prefetched.append(
+            pager.prefetch(console_ws) if kind == "console" else 0), min_interval=0)
+        for _ in range(reps):
+            page_out()
+            faults = pager.stats.faults
+            prefetcher.enable()
+            try:
+                figures.setdefault("prefetch", []).append(console_round_trip(name))
+            finally:
+                prefetcher.disable()
+            figures.setdefault("prefetch_faults", []).append(pager.stats.faults - faults)
+            page_out()
+            faults = pager.stats.faults
+            figures.setdefault("demand", []).append(console_round_trip(name))
+            figures.setdefault("demand_faults", []).append(pager.stats.faults - faults)
+        figures["prefetched_frames"] = sum(prefetched)
+        figures["fault_ms_median"] = statistics.median(pager.stats.fault_seconds) * 1000
+        pager.close()  # frames stay out; the guest is destroyed below
+        store.close()
+    finally:
+        xl("destroy", name) if subprocess.run(["xl", "domid", name], capture_output=True).returncode == 0 else None
+        save_file.unlink(missing_ok=True)
+    return figures
+
+
+# ---------------------------------------------------------------- host side
+
+def report(figures: dict) -> str:
+    med = {k: statistics.median(figures[k]) for k in ("resident", "prefetch", "demand", "xl_restore")}
+    mid = {k: statistics.median(figures[k]) for k in ("prefetch_faults", "demand_faults", "restore_only_s", "save_s",
+                                                         "out_pages", "idle_ws_pages", "page_out_s")}
+    lines = [
+        f"P6 wake-to-reply, one {figures['memory_mib']} MiB PVH guest, console command, median of {figures['reps']}",
+        f"  resident (anchor)            {med['resident']:8.2f} s",
+        f"  paged + prefetch hook        {med['prefetch']:8.2f} s  ({mid['prefetch_faults']:.0f} faults, "
+        f"console WS {figures['console_ws_pages']} frames)",
+        f"  paged, demand paging         {med['demand']:8.2f} s  ({mid['demand_faults']:.0f} faults)",
+        f"  xl save + xl restore         {med['xl_restore']:8.2f} s  (restore {mid['restore_only_s']:.2f} s, "
+        f"save {mid['save_s']:.2f} s)",
+        f"  paged out {mid['out_pages']:.0f} frames (idle WS {mid['idle_ws_pages']:.0f}) in {mid['page_out_s']:.1f} s;"
+        f" fault served in {figures['fault_ms_median']:.1f} ms (median, in the pager)",
+        f"  ratios: xl restore / prefetch = {med['xl_restore'] / med['prefetch']:.1f}x, "
+        f"demand / prefetch = {med['demand'] / med['prefetch']:.1f}x, "
+        f"xl restore / demand = {med['xl_restore'] / med['demand']:.1f}x",
+    ]
+    return "\n".join(lines)
+
+
+def host_main(args: argparse.Namespace) -> int:
+    from xenswap.guest.image import build_guest_image
+    from xenswap.rig import Rig
+
+    image = build_guest_image()
+    started = time.monotonic()
+    with Rig.boot(xen="patched", timeout=300, state_dir=args.state_dir) as rig:
+        print(f"rig (patched Xen) up in {rig.boot_seconds:.1f} s", flush=True)
+        rig.set_env(XENSWAP_GUEST_KERNEL=rig.dom0_path(image.kernel), XENSWAP_GUEST_INITRD=rig.dom0_path(image.initrd))
+        rc, out = rig.run(f"python3 bench/bench_xen.py --in-dom0 --reps {args.reps} --memory {args.memory}",
+                          timeout=3600)
+    if rc != 0:
+        print(out[-4000:], file=sys.stderr)
+        return rc
+    figures = json.loads(out.strip().splitlines()[-1])
+    figures["total_s"] = time.monotonic() - started
+    print(json.dumps(figures, indent=2) if args.json else report(figures))
+    return 0
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--in-dom0", action="store_true", help="measure (inside the rig's dom0)")
+    parser.add_argument("--reps", type=int, default=2)
+    parser.add_argument("--memory", type=int, default=128, help="guest MiB")
+    parser.add_argument("--state-dir", type=Path, default=None, help="the rig's state folder")
+    parser.add_argument("--json", action="store_true")
+    args = parser.parse_args()
+    if args.in_dom0:
+        print(json.dumps(dom0_main(args.reps, args.memory)))
+        return 0
+    return host_main(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
