@@ -170,6 +170,10 @@ class ProcessMemory:
 
     def page_out(self, gfns: Iterable[int] | None = None) -> int:
         gfns = None if gfns is None else list(gfns)
+        # Only the frames mapped now go to the swap cache by this page-out: those are the ones to trim. (Trimming
+        # the whole range read every frame already on disk back in, a full swap-in of the guest on every
+        # page-out, and swap readahead left part of it in the swap cache.)
+        to_trim = self._present(gfns) if self.trim else []
         pages = 0
         # Pages faulted in moments ago sit in the faulting CPU's LRU batch, where reclaim cannot isolate them;
         # MADV_PAGEOUT drains only the *calling* CPU's batch, so run one pass on each CPU (zram/zswap want two
@@ -179,9 +183,17 @@ class ProcessMemory:
                 if cpus:
                     os.sched_setaffinity(0, {cpus[i % len(cpus)]})
                 pages = self._advise(gfns, MADV_PAGEOUT)
-        if self.trim:
-            self.trim_swap_cache(gfns)
+        if to_trim:
+            self.trim_swap_cache(to_trim)
         return pages
+
+    def _present(self, gfns: list[int] | None) -> list[int]:
+        """Those of ``gfns`` (all when None) that are mapped (present, this process's own or shared)."""
+        entries = self.pagemap()
+        if gfns is None:
+            return [i for i, e in enumerate(entries) if e & PM_PRESENT]
+        n = len(entries)
+        return [g for g in gfns if 0 <= g < n and entries[g] & PM_PRESENT]
 
     def release_overhead(self, keep_working_set: bool = False) -> int:
         """Page out the hypervisor process's own memory outside guest RAM (QEMU's heap, TCG code buffer, its
