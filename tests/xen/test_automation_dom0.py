@@ -186,3 +186,32 @@ def test_xl_style_commands_on_the_daemons_state(guest):
         with XenStore() as store:
             for section in ("request", "status", "policy", "domains", "daemon"):
                 store.remove(f"{ROOT}/{section}")
+
+
+def test_paging_requests_drive_the_policy_engine(root, guest, tmp_path, monkeypatch):
+    """With the Xen paging mechanism (xenswap.hv.xen.memory) the daemon's engine acts on page requests: a
+    page-out-all pauses the guest with its memory paged out, a page-in resumes it."""
+    from xenswap.core.policy import engine_for
+    from xenswap.hv.xen import open_hypervisor
+
+    monkeypatch.setenv("XENSWAP_STATE", str(tmp_path))  # the engine's state store, not the real daemon's
+    _, domid = guest
+    hv = open_hypervisor()
+    engine = engine_for(hv)
+    assert engine is not None, "no Xen paging mechanism: xenswap.hv.xen.memory did not load"
+    try:
+        with Automation(engine=engine, root=root, share_interval=0, publish_interval=3600):
+            before = seq(root, str(domid))
+            xenstore_write(f"{root}/request/{domid}", "page-out-all")
+            answer = wait_answer(root, str(domid), before, timeout=300)
+            assert answer["result"] == "ok" and answer["message"].startswith("paged out "), answer
+            assert hv.lookup(domid).state[2] == "p"
+            before = seq(root, str(domid))
+            xenstore_write(f"{root}/request/{domid}", "page-in")
+            answer = wait_answer(root, str(domid), before, timeout=300)
+            assert answer["result"] == "ok" and answer["message"].startswith("paged in "), answer
+            assert hv.lookup(domid).state[2] == "-"
+    finally:
+        if hv.lookup(domid).state[2] == "p":
+            hv.unpause(domid)
+        hv.close()

@@ -300,7 +300,8 @@ class Automation:
     def _share(self, domids: list[int]):
         from xenswap.hv.xen.sharer import XenSharer
 
-        with (self.sharer_factory() if self.sharer_factory else XenSharer()) as sharer:  # type: ignore[union-attr]
+        skip = paged_out_frames(domids) if self.engine is not None else {}
+        with (self.sharer_factory() if self.sharer_factory else XenSharer(skip=skip)) as sharer:  # type: ignore[union-attr]
             report = sharer.share(domids)
         self.last_share = {"time": time.time(), "domains": domids, "pages_merged": report.pages_merged,
                            "freed_frames": report.freed_frames}
@@ -347,6 +348,17 @@ class Automation:
             self.store.write(f"{self.root}/daemon/last-share",
                              f"{self.last_share['time']:.0f} merged={self.last_share['pages_merged']} "
                              f"freed={self.last_share['freed_frames']}")
+
+
+def paged_out_frames(domids: list[int]) -> dict[int, set[int]]:
+    """Frames this process's pager has evicted, per domain: the sharer must not map them (mapping a paged-out
+    frame makes Xen page it back in). Reads the pager registry of xenswap.hv.xen.memory."""
+    try:
+        from xenswap.hv.xen import memory
+    except ImportError:
+        return {}
+    pagers = getattr(memory, "_pagers", {})
+    return {domid: set(pagers[domid].out) for domid in domids if domid in pagers}
 
 
 def _figure(value: float | None) -> str:
