@@ -99,8 +99,11 @@ def guest(pvh_guest):
 
 @pytest.fixture
 def store(tmp_path):
+    """A page store on dom0's /tmp (tmpfs: RAM), deleted after the test (a 128 MiB guest's pages each)."""
     with PageStore(tmp_path / "pages.db") as page_store:
         yield page_store
+    for path in tmp_path.glob("pages.db*"):
+        path.unlink()
 
 
 def page_out_to_working_set(memory, window: float = 3.0) -> tuple[int, list[int]]:
