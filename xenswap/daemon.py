@@ -102,12 +102,19 @@ def run_manager(manager: Manager, interval: float, duration: float | None, live:
 def cmd_daemon(args: argparse.Namespace) -> int:
     hv = select_hypervisor(args.hv)
     manager = Manager(hv, _policy_engine(hv))
+    automation = None
+    if hv.name == "xen":  # requests, per-domain policy and published figures in xenstore (docs/xenstore.md)
+        from xenswap.hv.xen.automation import start_for_daemon
+
+        automation = start_for_daemon(manager)
     try:
         with _stop_on_signals():
             run_manager(manager, args.interval, args.duration, live=args.live, title=f"xenswap ({hv.name})")
     except (KeyboardInterrupt, _Stop):
         pass
     finally:
+        if automation is not None:
+            automation.stop()
         manager.close()
     return 0
 
