@@ -124,13 +124,36 @@ def p1_snapshot(vms: list[QemuVM], swapcache0: int) -> dict:
     }
 
 
-def bench_p1(n: int, mem: int, settle: float, boot: str = "pvh", paused: bool = True) -> dict:
+def private_kernel_image(directory: Path, index: int):
+    """The guest image with a copy of the kernel of its own: a file mapped by one QEMU only, whose pages the
+    release of QEMU's memory can drop (pages of a file that other QEMUs map too are left alone). The copy's
+    page cache is dropped after writing, so only what QEMU reads of it is in memory."""
+    import dataclasses
+    import shutil
+
+    from xenswap.guest.image import build_guest_image
+
+    image = build_guest_image()
+    source = image.vmlinux or image.kernel
+    copy = directory / f"kernel-{index}"
+    shutil.copyfile(source, copy)
+    with open(copy, "rb+") as f:
+        os.fsync(f.fileno())
+        os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
+    return dataclasses.replace(image, vmlinux=copy) if image.vmlinux else dataclasses.replace(image, kernel=copy)
+
+
+def bench_p1(n: int, mem: int, settle: float, boot: str = "pvh", paused: bool = True,
+             private_kernel: bool = False) -> dict:
     hv = open_hypervisor()
     vms: list[QemuVM] = []
+    kernels = tempfile.TemporaryDirectory(prefix="xenswap-kernels-", dir="/var/tmp") if private_kernel else None
     try:
         t0 = time.monotonic()
         for i in range(n):
-            vms.append(QemuVM.create(f"{TAG}p1-{i}", mem_mib=mem, network=False, timeout=300, boot=boot))
+            image = private_kernel_image(Path(kernels.name), i) if kernels else None
+            vms.append(QemuVM.create(f"{TAG}p1-{i}", image=image, mem_mib=mem, network=False, timeout=300,
+                                     boot=boot))
             log(f"P1: booted {i + 1}/{n} ({time.monotonic() - t0:.0f} s)")
         boot_times = [vm.config.up_s for vm in vms if vm.config.up_s]
         boot_s = statistics.median(boot_times) if boot_times else None
@@ -156,6 +179,7 @@ def bench_p1(n: int, mem: int, settle: float, boot: str = "pvh", paused: bool = 
         wss = [len(manager.state(vm.name).model.resident_set(time.time())) * 4 for vm in vms]
         result = {
             "n": n, "mem_mib": mem, "settle_s": settle, "boot": boot, "boot_s_median": boot_s,
+            "private_kernel": private_kernel,
             "resident": resident, "managed": managed,
             "idle_wss_kib_mean": statistics.mean(wss),
             "pageout_s_total": pageout_s,
@@ -176,6 +200,8 @@ def bench_p1(n: int, mem: int, settle: float, boot: str = "pvh", paused: bool = 
                 vm.destroy()
             except Exception as exc:  # keep tearing the rest down
                 log(f"destroy {vm.name}: {exc}")
+        if kernels:
+            kernels.cleanup()
 
 
 # ---------------------------------------------------------------- P2
@@ -466,7 +492,8 @@ def median(values: list[float]) -> float:
 
 def report(p1: dict | None, p2: dict | None) -> None:
     if p1:
-        print(f"P1: host memory per idle guest, N={p1['n']} guests of {p1['mem_mib']} MiB, boot {p1['boot']} "
+        print(f"P1: host memory per idle guest, N={p1['n']} guests of {p1['mem_mib']} MiB, boot {p1['boot']}"
+              f"{' (private kernel copies)' if p1.get('private_kernel') else ''} "
               f"(median boot {p1['boot_s_median'] or float('nan'):.1f} s; settled {p1['settle_s']:.0f} s; "
               f"idle WSS {p1['idle_wss_kib_mean'] / 1024:.1f} MiB)")
         print(f"  {'':28s} {'PSS':>7s} {'+unmapped':>9s} {'=total':>7s} {'(upper)':>8s}   PSS: "
@@ -524,6 +551,8 @@ def main() -> int:
                         help="P1 guests' kernel: uncompressed vmlinux at its PVH entry (QEMU keeps the file mapped) "
                              "or the compressed bzImage (read into QEMU's own memory)")
     parser.add_argument("--no-paused", action="store_true", help="P1 without the paused phase")
+    parser.add_argument("--private-kernel", action="store_true",
+                        help="P1: each guest boots its own copy of the kernel file (experiment)")
     parser.add_argument("--settle", type=float, default=30, help="P1 idle seconds before measuring (default 30)")
     parser.add_argument("--reps", type=int, default=5, help="P2 repetitions (default 5)")
     parser.add_argument("--p2-configs", default=",".join(DEFAULT_P2_CONFIGS),
@@ -553,7 +582,8 @@ def main() -> int:
         if args.json:
             print(json.dumps(plot))
         return 0
-    p1 = bench_p1(args.n, args.mem, args.settle, args.boot, not args.no_paused) if args.only in (None, "p1") else None
+    p1 = (bench_p1(args.n, args.mem, args.settle, args.boot, not args.no_paused, args.private_kernel)
+          if args.only in (None, "p1") else None)
     configs = tuple(c for c in args.p2_configs.split(",") if c)
     try:
         for config in configs:
