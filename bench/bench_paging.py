@@ -78,7 +78,7 @@ def mapped_swapcache_kib(pid: int) -> int:
     return count * 4
 
 
-def pss_breakdown_kib(pid: int) -> dict[str, int]:
+def pss_breakdown_kib(pid: int, kernel: str = "") -> dict[str, int]:
     """PSS by kind of mapping: guest RAM, QEMU's other anonymous/private memory, the guest kernel file QEMU maps
     (-kernel vmlinux), and other files (QEMU binary and libraries)."""
     out = {"guest_ram": 0, "qemu_anon": 0, "kernel_file": 0, "other_files": 0}
@@ -92,7 +92,7 @@ def pss_breakdown_kib(pid: int) -> dict[str, int]:
                 start, end = (int(x, 16) for x in parts[0].split("-"))
                 size = end - start
                 path = parts[5] if len(parts) > 5 else ""
-                if path.endswith("vmlinux") or path.endswith("vmlinuz"):
+                if path == kernel or path.endswith("vmlinux") or path.endswith("vmlinuz"):
                     current = "kernel_file"
                 elif path.startswith("/") and not path.startswith("/memfd:"):
                     current = "other_files"
@@ -113,7 +113,7 @@ def p1_snapshot(vms: list[QemuVM], swapcache0: int) -> dict:
     pss = [pss_kib(vm.pid) for vm in vms]
     mapped_sc = [mapped_swapcache_kib(vm.pid) for vm in vms]
     growth = max(0, meminfo("SwapCached") - swapcache0)
-    breakdown = [pss_breakdown_kib(vm.pid) for vm in vms]
+    breakdown = [pss_breakdown_kib(vm.pid, vm.config.kernel) for vm in vms]
     return {
         "pss_kib_per_vm": statistics.mean(pss),
         "swapcache_growth_kib_per_vm": growth / n,
