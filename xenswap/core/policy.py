@@ -49,7 +49,7 @@ class PolicyConfig:
     frequent_rate: float = 1 / 300  # events/s above which an event's working set stays resident
     # Paused guests: keep the hypervisor's own idle working set (QEMU's main loop, TCG code: a few MiB) resident
     # instead of paging it out too: the wake-up then does not wait on QEMU itself paging in (P2 in
-    # docs/benchmarks-paging.md: paused + prefetch 14.5 / 21.2 ms ping / HTTP with it, 19.0 / 42.0 without).
+    # docs/benchmarks-paging.md: paused + prefetch 6.6 / 19.4 ms ping / HTTP with it, 18.2 / 33.0 without).
     keep_hypervisor_ws_paused: bool = True
 
 
