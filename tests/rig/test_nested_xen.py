@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import re
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -70,11 +71,19 @@ def test_channel_exit_status_and_copy_in(rig):
     assert out.splitlines() == ["from the host", "control_d"]
 
 
+def _relay_live(chunk: bytes) -> None:
+    """dom0's pytest output as it comes (past pytest's capture): CI shows which dom0 test runs and passes."""
+    sys.__stdout__.write(chunk.decode(errors="replace"))
+    sys.__stdout__.flush()
+
+
+@pytest.mark.timeout(3000)  # the whole dom0 suite (paging, sharing, automation under nested TCG) in one test
 def test_dom0_suite_passes(rig):
+    """Every dom0-marked test of the project (Xen port, xenstore, paging, sharing, automation, kernel module,
+    netem/VLAN topologies) in one boot."""
     started = time.monotonic()
-    """Every dom0-marked test of the project (Xen port, xenstore, paging, kernel module, netem/VLAN topologies) in
-    one boot."""
-    rc, out = rig.run("python3 -m pytest -p no:cacheprovider -m dom0 tests -q -rfE --durations=8", timeout=2400)
+    rc, out = rig.run("python3 -m pytest -p no:cacheprovider -m dom0 tests -v -rfE --durations=8", timeout=2400,
+                      on_output=_relay_live)
     print(f"dom0 suite: {time.monotonic() - started:.1f} s\n{out[-2500:]}")
     assert rc == 0, out[-4000:]
     summary = re.search(r"(\d+) passed", out)
