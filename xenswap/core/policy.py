@@ -242,6 +242,8 @@ class Manager:
         decisions = []
         live = set()
         for dom in self.hv.list_domains():
+            if not self.hv.is_managed(dom):
+                continue
             live.add(dom.name)
             try:
                 decisions.append(self.tick_domain(dom.name))

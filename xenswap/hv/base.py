@@ -48,6 +48,10 @@ class Hypervisor(abc.ABC):
                 return dom
         raise UnknownDomain(str(ref), [d.name for d in domains])
 
+    def is_managed(self, dom: DomainInfo) -> bool:
+        """Whether the manager may page or share this domain (not, e.g., the control domain it runs in)."""
+        return True
+
     @abc.abstractmethod
     def pause(self, ref: str | int) -> None: ...
 

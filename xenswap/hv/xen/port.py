@@ -89,6 +89,9 @@ class XenHypervisor(Hypervisor):
     def _xc_error(self) -> type[Exception]:
         return load_xc().Error
 
+    def is_managed(self, dom: DomainInfo) -> bool:
+        return dom.domid != 0  # Domain-0 runs the manager and the pager: it is listed, never paged
+
     def pause(self, ref: str | int) -> None:
         if self.domid(ref) == 0:
             raise XenswapError("refusing to pause Domain-0 (it runs this toolstack)")
