@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from xenswap.hv.xen import xl
+from xenswap.hv.xen.xenstore import XenStore
 
 
 def guest_files() -> tuple[Path, Path]:
@@ -57,3 +58,12 @@ def pv_guest() -> Iterator[xl.GuestSpec]:
 @pytest.fixture(scope="module")
 def pvh_guest() -> Iterator[xl.GuestSpec]:
     yield from _guest("pvh")
+
+
+@pytest.fixture
+def scratch() -> Iterator[str]:
+    """A fresh xenstore subtree for one test, removed afterwards (with everything a test wrote under it)."""
+    path = f"/xenswap-test/{secrets.token_hex(4)}"
+    yield path
+    with XenStore() as store:
+        store.remove(path)

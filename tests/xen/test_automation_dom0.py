@@ -5,7 +5,6 @@ published, and the xl-style commands (``xenswap request|policy|status``) work on
 from __future__ import annotations
 
 import json
-import secrets
 import subprocess
 import sys
 import time
@@ -24,8 +23,8 @@ def xenstore_write(path: str, value: str) -> None:
     subprocess.run(["xenstore-write", path, value], check=True, capture_output=True, timeout=30)
 
 
-def wait_answer(root: str, key: str, seq_before: int, timeout: float = 300) -> dict[str, str]:
-    status = f"{root}/status/{key}"
+def wait_answer(scratch: str, key: str, seq_before: int, timeout: float = 300) -> dict[str, str]:
+    status = f"{scratch}/status/{key}"
     deadline = time.monotonic() + timeout
     with XenStore() as store:
         while time.monotonic() < deadline:
@@ -35,17 +34,9 @@ def wait_answer(root: str, key: str, seq_before: int, timeout: float = 300) -> d
     raise AssertionError(f"no answer at {status} within {timeout} s")
 
 
-def seq(root: str, key: str) -> int:
+def seq(scratch: str, key: str) -> int:
     with XenStore() as store:
-        return int(store.read(f"{root}/status/{key}/seq", "0") or 0)
-
-
-@pytest.fixture
-def root():
-    path = f"/xenswap-test-{secrets.token_hex(3)}"
-    yield path
-    with XenStore() as store:
-        store.remove(path)
+        return int(store.read(f"{scratch}/status/{key}/seq", "0") or 0)
 
 
 @pytest.fixture(scope="module")
@@ -56,9 +47,9 @@ def guest(pvh_guest):
     return pvh_guest.name, domid
 
 
-def test_bad_requests_get_one_error_each_and_the_loop_goes_on(root, guest):
+def test_bad_requests_get_one_error_each_and_the_loop_goes_on(scratch, guest):
     _, domid = guest
-    with Automation(engine=None, root=root, share_interval=0, publish_interval=3600) as automation:
+    with Automation(engine=None, root=scratch, share_interval=0, publish_interval=3600) as automation:
         cases = [
             ("abc", "page-out", "the last part must be a domain id"),
             ("4242", "page-out", "no domain 4242"),
@@ -66,41 +57,41 @@ def test_bad_requests_get_one_error_each_and_the_loop_goes_on(root, guest):
             (str(domid), "explode now", "unknown request 'explode now': expected one of page-out"),
         ]
         for key, value, expected in cases:
-            before = seq(root, key)
-            xenstore_write(f"{root}/request/{key}", value)
-            answer = wait_answer(root, key, before, timeout=30)
+            before = seq(scratch, key)
+            xenstore_write(f"{scratch}/request/{key}", value)
+            answer = wait_answer(scratch, key, before, timeout=30)
             assert answer["result"] == "error", answer
             assert expected in answer["message"], answer
             assert answer["request"] == value
             assert answer["seq"] == str(before + 1)  # exactly one answer
         with XenStore() as store:
-            assert store.list(f"{root}/request") == []  # every request was taken
+            assert store.list(f"{scratch}/request") == []  # every request was taken
         assert automation._thread is not None and automation._thread.is_alive()
         # ... and it still answers a good request afterwards
-        before = seq(root, str(domid))
-        xenstore_write(f"{root}/request/{domid}", "page-in")
-        answer = wait_answer(root, str(domid), before, timeout=30)
+        before = seq(scratch, str(domid))
+        xenstore_write(f"{scratch}/request/{domid}", "page-in")
+        answer = wait_answer(scratch, str(domid), before, timeout=30)
         assert answer["result"] == "unavailable" and answer["message"] == PAGING_UNAVAILABLE
 
 
-def test_paging_requests_without_a_mechanism_say_so(root, guest):
+def test_paging_requests_without_a_mechanism_say_so(scratch, guest):
     _, domid = guest
-    with Automation(engine=None, root=root, share_interval=0, publish_interval=3600):
+    with Automation(engine=None, root=scratch, share_interval=0, publish_interval=3600):
         for action in ("page-out", "page-out-all", "page-in"):
-            before = seq(root, str(domid))
-            xenstore_write(f"{root}/request/{domid}", action)
-            answer = wait_answer(root, str(domid), before, timeout=30)
+            before = seq(scratch, str(domid))
+            xenstore_write(f"{scratch}/request/{domid}", action)
+            answer = wait_answer(scratch, str(domid), before, timeout=30)
             assert (answer["result"], answer["message"]) == ("unavailable", PAGING_UNAVAILABLE), answer
 
 
-def test_share_request_written_before_start_is_taken_and_shares(root, guest):
+def test_share_request_written_before_start_is_taken_and_shares(scratch, guest):
     """A request pending when the daemon starts is handled (the watch's first firing); share merges the guest's
     duplicate pages (zero pages at least) and Xen's counters show it."""
     name, domid = guest
-    xenstore_write(f"{root}/request/{domid}", "share")
+    xenstore_write(f"{scratch}/request/{domid}", "share")
     started = time.monotonic()
-    with Automation(engine=None, root=root, share_interval=0, publish_interval=1.0) as automation:
-        answer = wait_answer(root, str(domid), 0, timeout=600)
+    with Automation(engine=None, root=scratch, share_interval=0, publish_interval=1.0) as automation:
+        answer = wait_answer(scratch, str(domid), 0, timeout=600)
         elapsed = time.monotonic() - started
         assert answer["result"] == "ok", answer
         merged = int(answer["message"].split("merged ")[1].split()[0])
@@ -111,37 +102,37 @@ def test_share_request_written_before_start_is_taken_and_shares(root, guest):
         deadline = time.monotonic() + 30
         with XenStore() as store:
             while time.monotonic() < deadline:
-                if (store.read(f"{root}/domains/{domid}/shared-mib") or "0") not in ("", "0"):
+                if (store.read(f"{scratch}/domains/{domid}/shared-mib") or "0") not in ("", "0"):
                     break
                 time.sleep(0.5)
-            assert store.read(f"{root}/domains/{domid}/name") == name
-            assert int(store.read(f"{root}/domains/{domid}/shared-mib") or 0) > 0
-            assert store.read(f"{root}/domains/0/name") == "Domain-0"
-            assert float(store.read(f"{root}/daemon/heartbeat") or 0) > time.time() - 60
+            assert store.read(f"{scratch}/domains/{domid}/name") == name
+            assert int(store.read(f"{scratch}/domains/{domid}/shared-mib") or 0) > 0
+            assert store.read(f"{scratch}/domains/0/name") == "Domain-0"
+            assert float(store.read(f"{scratch}/daemon/heartbeat") or 0) > time.time() - 60
 
 
-def test_policy_is_checked_and_applied(root, guest):
+def test_policy_is_checked_and_applied(scratch, guest):
     _, domid = guest
-    with Automation(engine=None, root=root, share_interval=0, publish_interval=3600) as automation:
-        before = seq(root, str(domid))
-        xenstore_write(f"{root}/policy/{domid}/idle-threshold", "soon")
-        answer = wait_answer(root, str(domid), before, timeout=30)
+    with Automation(engine=None, root=scratch, share_interval=0, publish_interval=3600) as automation:
+        before = seq(scratch, str(domid))
+        xenstore_write(f"{scratch}/policy/{domid}/idle-threshold", "soon")
+        answer = wait_answer(scratch, str(domid), before, timeout=30)
         assert answer["result"] == "error"
         assert answer["message"] == "policy idle-threshold: 'soon' is not a number of seconds"
-        before = seq(root, str(domid))
-        xenstore_write(f"{root}/policy/{domid}/idle-threshold", "90")
-        answer = wait_answer(root, str(domid), before, timeout=30)
+        before = seq(scratch, str(domid))
+        xenstore_write(f"{scratch}/policy/{domid}/idle-threshold", "90")
+        answer = wait_answer(scratch, str(domid), before, timeout=30)
         assert answer["result"] == "ok", answer
-        before = seq(root, str(domid))
-        xenstore_write(f"{root}/policy/{domid}/share", "on")
-        answer = wait_answer(root, str(domid), before, timeout=30)
+        before = seq(scratch, str(domid))
+        xenstore_write(f"{scratch}/policy/{domid}/share", "on")
+        answer = wait_answer(scratch, str(domid), before, timeout=30)
         assert answer["result"] == "ok" and "share=on" in answer["message"], answer
         assert automation.policies[domid].share is True
         assert automation.idle_threshold(domid) == 90.0
         assert automation.allows_auto_page_out(domid) is True
-        before = seq(root, str(domid))
-        xenstore_write(f"{root}/policy/{domid}/auto-page-out", "off")
-        wait_answer(root, str(domid), before, timeout=30)
+        before = seq(scratch, str(domid))
+        xenstore_write(f"{scratch}/policy/{domid}/auto-page-out", "off")
+        wait_answer(scratch, str(domid), before, timeout=30)
         assert automation.allows_auto_page_out(domid) is False
 
 
@@ -188,7 +179,7 @@ def test_xl_style_commands_on_the_daemons_state(guest):
                 store.remove(f"{ROOT}/{section}")
 
 
-def test_paging_requests_drive_the_policy_engine(root, guest, tmp_path, monkeypatch):
+def test_paging_requests_drive_the_policy_engine(scratch, guest, tmp_path, monkeypatch):
     """With the Xen paging mechanism (xenswap.hv.xen.memory) the daemon's engine acts on page requests: a
     page-out-all pauses the guest with its memory paged out, a page-in resumes it."""
     from xenswap.core.policy import engine_for
@@ -200,15 +191,15 @@ def test_paging_requests_drive_the_policy_engine(root, guest, tmp_path, monkeypa
     engine = engine_for(hv)
     assert engine is not None, "no Xen paging mechanism: xenswap.hv.xen.memory did not load"
     try:
-        with Automation(engine=engine, root=root, share_interval=0, publish_interval=3600):
-            before = seq(root, str(domid))
-            xenstore_write(f"{root}/request/{domid}", "page-out-all")
-            answer = wait_answer(root, str(domid), before, timeout=300)
+        with Automation(engine=engine, root=scratch, share_interval=0, publish_interval=3600):
+            before = seq(scratch, str(domid))
+            xenstore_write(f"{scratch}/request/{domid}", "page-out-all")
+            answer = wait_answer(scratch, str(domid), before, timeout=300)
             assert answer["result"] == "ok" and answer["message"].startswith("paged out "), answer
             assert hv.lookup(domid).state[2] == "p"
-            before = seq(root, str(domid))
-            xenstore_write(f"{root}/request/{domid}", "page-in")
-            answer = wait_answer(root, str(domid), before, timeout=300)
+            before = seq(scratch, str(domid))
+            xenstore_write(f"{scratch}/request/{domid}", "page-in")
+            answer = wait_answer(scratch, str(domid), before, timeout=300)
             assert answer["result"] == "ok" and answer["message"].startswith("paged in "), answer
             assert hv.lookup(domid).state[2] == "-"
     finally:
