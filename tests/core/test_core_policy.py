@@ -7,6 +7,7 @@ from xenswap.core.policy import (
     PAGE_OUT_WS,
     PAGED_OUT,
     WORKING_SET,
+    DomainOverride,
     DomainState,
     Policy,
     PolicyConfig,
@@ -58,6 +59,25 @@ def test_working_set_phase_repages_when_it_grew_and_paused_is_left_alone():
     assert policy.decide(st, FixedTimeout(30), 41.0).action == PAGE_OUT_WS
     st.phase = PAGED_OUT
     assert policy.decide(st, FixedTimeout(30), 41.0).action == KEEP
+
+
+def test_operator_override_turns_auto_page_out_off_or_sets_the_idle_threshold():
+    policy = Policy(PolicyConfig(long_idle_s=1e9))
+    # the predictor alone would act after 30 s of idleness
+    assert policy.decide(idle_state(40), FixedTimeout(30), 41.0).action == PAGE_OUT_WS
+    off = policy.decide(idle_state(40), FixedTimeout(30), 41.0, DomainOverride(auto_page_out=False))
+    assert off.action == KEEP and "auto page-out is off" in off.reason
+    # a later threshold holds the page-out back, an earlier one brings it forward
+    later = DomainOverride(idle_threshold_s=120)
+    assert policy.decide(idle_state(40), FixedTimeout(30), 41.0, later).action == KEEP
+    assert policy.decide(idle_state(130), FixedTimeout(30), 131.0, later).action == PAGE_OUT_WS
+    sooner = DomainOverride(idle_threshold_s=5)
+    assert policy.decide(idle_state(10), FixedTimeout(30), 11.0).action == KEEP
+    assert policy.decide(idle_state(10), FixedTimeout(30), 11.0, sooner).action == PAGE_OUT_WS
+    # a paged-out domain stays as it is whatever the override says
+    st = idle_state(40)
+    st.phase = PAGED_OUT
+    assert policy.decide(st, FixedTimeout(30), 41.0, sooner).action == KEEP
 
 
 def test_state_round_trips_through_json_and_metrics_render():

@@ -182,7 +182,7 @@ def test_xl_style_commands_on_the_daemons_state(guest):
 def test_paging_requests_drive_the_policy_engine(scratch, guest, tmp_path, monkeypatch):
     """With the Xen paging mechanism (xenswap.hv.xen.memory) the daemon's engine acts on page requests: a
     page-out-all pauses the guest with its memory paged out, a page-in resumes it."""
-    from xenswap.core.policy import engine_for
+    from xenswap.core.policy import DomainOverride, engine_for
     from xenswap.hv.xen import open_hypervisor
 
     monkeypatch.setenv("XENSWAP_STATE", str(tmp_path))  # the engine's state store, not the real daemon's
@@ -202,6 +202,14 @@ def test_paging_requests_drive_the_policy_engine(scratch, guest, tmp_path, monke
             answer = wait_answer(scratch, str(domid), before, timeout=300)
             assert answer["result"] == "ok" and answer["message"].startswith("paged in "), answer
             assert hv.lookup(domid).state[2] == "-"
+            # the domain's policy reaches the engine's ticks (keys by domain name)
+            xenstore_write(f"{scratch}/policy/{domid}/auto-page-out", "off")
+            xenstore_write(f"{scratch}/policy/{domid}/idle-threshold", "45")
+            deadline = time.monotonic() + 30
+            name = hv.lookup(domid).name
+            while engine.overrides.get(name) != DomainOverride(False, 45.0) and time.monotonic() < deadline:
+                time.sleep(0.2)
+            assert engine.overrides.get(name) == DomainOverride(False, 45.0), engine.overrides
     finally:
         if hv.lookup(domid).state[2] == "p":
             hv.unpause(domid)

@@ -53,6 +53,15 @@ class PolicyConfig:
     keep_hypervisor_ws_paused: bool = True
 
 
+@dataclass(frozen=True)
+class DomainOverride:
+    """What an operator set for one domain (e.g. in xenstore, /xenswap/policy/<domid>/): beats the engine's own
+    choice for that domain."""
+
+    auto_page_out: bool = True  # off: never page the domain out on idleness (requests still work)
+    idle_threshold_s: float | None = None  # act after this many idle seconds instead of the predictor's choice
+
+
 @dataclass
 class Decision:
     domain: str
@@ -124,7 +133,8 @@ class Policy:
     def __init__(self, config: PolicyConfig | None = None) -> None:
         self.config = config or PolicyConfig()
 
-    def decide(self, st: DomainState, predictor: IdlePredictor, now: float) -> Decision:
+    def decide(self, st: DomainState, predictor: IdlePredictor, now: float,
+               override: DomainOverride | None = None) -> Decision:
         det = st.detector
         if st.phase in (PAUSING, PAGED_OUT):
             return Decision(st.name, KEEP, "paused and paged out; a packet or `xenswap page-in` wakes it")
@@ -132,7 +142,14 @@ class Policy:
             return Decision(st.name, KEEP, "busy" if det.last_usage is not None else "first sample")
         elapsed = det.idle_for(now)
         predicted = predictor.predicted_length(elapsed)
-        if not predictor.should_act(elapsed):
+        if override is not None and not override.auto_page_out:
+            return Decision(st.name, KEEP, f"idle {elapsed:.0f}s; auto page-out is off for it (policy)", predicted)
+        threshold = override.idle_threshold_s if override is not None else None
+        if threshold is not None:
+            if elapsed < threshold:
+                return Decision(st.name, KEEP, f"idle {elapsed:.0f}s < idle-threshold {threshold:g}s (policy)",
+                                predicted)
+        elif not predictor.should_act(elapsed):
             return Decision(st.name, KEEP, f"idle {elapsed:.0f}s, {predictor.name} waits", predicted)
         if self.config.allow_pause and predicted >= self.config.long_idle_s:
             return Decision(st.name, PAGE_OUT_ALL, f"idle {elapsed:.0f}s, predicted {predicted:.0f}s", predicted)
@@ -211,6 +228,7 @@ class Manager:
         self._mechanisms: dict[str, MemoryMechanism] = {}
         self.waker: WakeSource | None = None
         self._clearing: set[str] = set()  # domains whose accessed bits this process has cleared
+        self.overrides: dict[str, DomainOverride] = {}  # by domain name; see set_override
         # Per domain this process paused: the frames to prefetch for each event type, worked out when pausing so
         # that a wake-up does not load and decode the domain's state before the resume.
         self._wake_plans: dict[str, dict[str | None, list[int]]] = {}
@@ -227,6 +245,15 @@ class Manager:
 
     def state(self, name: str) -> DomainState:
         return self.store.load(name) or DomainState(name)
+
+    def set_override(self, name: str, override: DomainOverride | None) -> None:
+        """An operator's setting for one domain (None: back to the engine's own choices). Kept in memory only:
+        its source (e.g. xenstore) is the durable copy and is read again when a daemon starts."""
+        with self._lock:
+            if override is None or override == DomainOverride():
+                self.overrides.pop(name, None)
+            else:
+                self.overrides[name] = override
 
     def annotate(self, domains: list) -> list:
         """Fill the resident / working-set / idle-since columns of ``xenswap list`` rows (DomainInfo)."""
@@ -279,7 +306,7 @@ class Manager:
             if name in self._clearing:
                 st.model.record("idle", touched, now)
             self._clearing.add(name)
-        decision = self.policy.decide(st, predictor, now)
+        decision = self.policy.decide(st, predictor, now, self.overrides.get(name))
         self.apply(st, decision, mech)
         st.keep_predictor(predictor)
         st.resident_pages = len(mech.resident_pages())

@@ -27,6 +27,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from xenswap.core.policy import DomainOverride
 from xenswap.errors import XenswapError
 from xenswap.hv.xen.xenstore import Watch, XenStore, XenStoreError
 
@@ -277,15 +278,28 @@ class Automation:
             return
         if not values:
             self.policies.pop(domid, None)
+            self._tell_engine(domid, None)
             return
         policy, errors = parse_policy(values)
         previous = self.policies.get(domid)
         self.policies[domid] = policy
+        self._tell_engine(domid, policy)
         if errors:
             self._answer(key, "policy", RESULT_ERROR, "; ".join(errors))
         elif previous != policy:
             self._answer(key, "policy", RESULT_OK, "policy " + " ".join(
                 f"{k}={v or '-'}" for k, v in policy.to_xenstore().items()))
+
+    def _tell_engine(self, domid: int, policy: DomainPolicy | None) -> None:
+        """The engine's ticks follow auto-page-out and idle-threshold (the engine knows domains by name)."""
+        if self.engine is None or not hasattr(self.engine, "set_override") or getattr(self, "hv", None) is None:
+            return
+        try:
+            name = self.hv.lookup(domid).name
+        except (XenswapError, OSError):
+            return  # no such domain (yet): its policy is applied when it is written again
+        override = None if policy is None else DomainOverride(policy.auto_page_out, policy.idle_threshold_s)
+        self.engine.set_override(name, override)
 
     def allows_auto_page_out(self, domid: int) -> bool:
         policy = self.policies.get(domid)
