@@ -38,6 +38,12 @@ def _cpio_list(initrd: Path) -> list[str]:
     return proc.stdout.decode().split()
 
 
+def _cpio_read(initrd: Path, member: str) -> bytes:
+    raw = gzip.decompress(initrd.read_bytes())
+    proc = subprocess.run(["cpio", "-i", "--quiet", "--to-stdout", member], input=raw, capture_output=True, check=True)
+    return proc.stdout
+
+
 def test_recipe_hash_is_stable_and_covers_every_input() -> None:
     packages = {"linux-image-6.1.0-1-amd64": "6.1.1-1", "busybox-static": "1:1.35.0-4"}
     base = make_recipe(packages)
@@ -117,8 +123,13 @@ def test_built_image_holds_init_busybox_modules(built: GuestImage) -> None:
     for expected in ("init", "bin/busybox", "bin/sh", "sbin/insmod", "dev/console", f"{kmods}/xenswap.load",
                      f"{kmods}/modules.dep", "usr/sbin/dropbear", "lib64/ld-linux-x86-64.so.2"):
         assert expected in names, expected
-    for ko in ("virtio_net.ko", "virtio_blk.ko", "virtio_pci.ko", "ext4.ko", "xen-netfront.ko", "xen-blkfront.ko"):
+    for ko in ("virtio_net.ko", "virtio_blk.ko", "virtio_pci.ko", "ext4.ko", "xen-netfront.ko", "xen-blkfront.ko",
+               "xen-privcmd.ko"):
         assert any(n.endswith("/" + ko) for n in names), ko
+    # the hypercall probe of the patch-0005 test, and privcmd loaded so that a domU may use it
+    assert "bin/xenswap-hcall-probe" in names
+    load = _cpio_read(built.initrd, f"{kmods}/xenswap.load").decode().splitlines()
+    assert any(line.endswith("xen-privcmd.ko unrestricted=1") for line in load), load
 
 
 def test_vmlinux_is_the_uncompressed_kernel_with_a_pvh_entry(built: GuestImage) -> None:

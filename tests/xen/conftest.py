@@ -40,8 +40,10 @@ def hv():
 
 def _guest(kind: str, memory_mib: int = 128) -> Iterator[xl.GuestSpec]:
     kernel, initrd = guest_files()
+    # on_reboot preserve: a guest that crashes (a triple fault is a "reboot" to Xen) stays for inspection (xenctx)
+    # instead of coming back as a fresh guest under the same name that the test would take for the old one
     spec = xl.GuestSpec(name=f"t{kind}-{secrets.token_hex(3)}", kernel=kernel, initrd=initrd, kind=kind,
-                        memory_mib=memory_mib)
+                        memory_mib=memory_mib, extra={"on_reboot": '"preserve"'})
     try:
         xl.create(spec)
         yield spec

@@ -42,7 +42,15 @@ GUEST_MODULES = [
     "xen-blkfront",
     "sch_netem",  # for network emulation inside guests (later net work)
     "8021q",
+    "xen-privcmd",  # /dev/xen/privcmd: xenswap-hcall-probe issues its hypercall through it (tests of patch 0005)
 ]
+
+# insmod parameters by module name. privcmd in a domU blocks every hypercall unless xenstore names a target
+# domain (a guard for device-model stub domains); the probe needs its hypercalls (Xen still checks each one).
+GUEST_MODULE_PARAMS = {"xen_privcmd": "unrestricted=1"}
+
+# A static helper compiled into the image (the image has no libc): see hcall_probe.c.
+HCALL_PROBE_SOURCE = Path(__file__).with_name("hcall_probe.c")
 
 BUSYBOX_PACKAGE = "busybox-static"
 # dropbear-bin is dynamically linked: its libraries come from their own Debian packages, not the host.
@@ -95,7 +103,7 @@ class Recipe:
 def builder_source() -> str:
     """The code that builds images: a change to it must rebuild them."""
     here = Path(__file__).parent
-    return "".join((here / name).read_text() for name in ("image.py", "cpio.py", "kmod.py"))
+    return "".join((here / name).read_text() for name in ("image.py", "cpio.py", "kmod.py", HCALL_PROBE_SOURCE.name))
 
 
 def make_recipe(packages: dict[str, str], with_dropbear: bool = True, modules: list[str] | None = None) -> Recipe:
@@ -306,11 +314,15 @@ def build_initramfs(target: Path, recipe: Recipe, trees: dict[str, Path], kernel
         if applet != "bin/busybox" and applet not in archive:
             archive.symlink(applet, "/bin/busybox")
 
+    with tempfile.TemporaryDirectory(prefix="xenswap-probe-") as work:
+        archive.copy("bin/xenswap-hcall-probe", compile_hcall_probe(Path(work)), 0o755)
+
     load = modules.load_order(list(recipe.modules))
     kmod_dir = f"lib/modules/{modules.version}"
     for module in load:
         archive.copy(f"{kmod_dir}/{module.relpath}", modules.path(module), 0o644)
-    archive.file(f"{kmod_dir}/xenswap.load", "".join(m.relpath + "\n" for m in load).encode())
+    archive.file(f"{kmod_dir}/xenswap.load",
+                 "".join(f"{m.relpath} {GUEST_MODULE_PARAMS.get(m.name, '')}".rstrip() + "\n" for m in load).encode())
     archive.file(f"{kmod_dir}/modules.dep", modules.modules_dep(load).encode())
     archive.copy(f"{kmod_dir}/modules.builtin", modules.base / "modules.builtin")
 
@@ -322,6 +334,17 @@ def build_initramfs(target: Path, recipe: Recipe, trees: dict[str, Path], kernel
         archive.symlink(LOADER, f"/{LIBDIR}/ld-linux-x86-64.so.2")
 
     archive.write_gzip(target)
+
+
+def compile_hcall_probe(work: Path) -> Path:
+    """xenswap-hcall-probe, linked statically (the image has busybox and no libc)."""
+    binary = work / "xenswap-hcall-probe"
+    proc = subprocess.run(["cc", "-static", "-O2", "-Wall", "-o", str(binary), str(HCALL_PROBE_SOURCE)],
+                          capture_output=True, text=True, check=False)
+    if proc.returncode != 0:
+        raise XenswapError(f"compiling {HCALL_PROBE_SOURCE.name} for the guest image failed (gcc and libc6-dev come "
+                           f"from setup/apt-xenbuild.txt): {proc.stderr.strip()[-800:]}")
+    return binary
 
 
 # Compressed payloads a bzImage may carry, by magic; Debian's amd64 kernels use XZ.

@@ -42,8 +42,8 @@ echo "127.0.0.1 localhost $HOSTNAME" >/etc/hosts
 # Modules in dependency order (computed when the image was built). A module whose hardware or
 # hypervisor is absent (xen-netfront under QEMU, virtio under Xen PV) just fails to load.
 KVER="$(uname -r)"
-while read -r ko; do
-    insmod "/lib/modules/$KVER/$ko" 2>/dev/null
+while read -r ko params; do
+    insmod "/lib/modules/$KVER/$ko" $params 2>/dev/null
 done <"/lib/modules/$KVER/xenswap.load"
 
 # IPv6 off unless asked for: its autoconfiguration and MLD chatter would wake an idle guest now and then.
