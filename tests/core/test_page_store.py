@@ -78,6 +78,47 @@ def test_a_corrupted_page_is_never_returned(tmp_path):
         assert any("does not match its digest" in p for p in store.check())
 
 
+def test_get_pages_reads_a_batch_in_one_query_and_leaves_out_what_is_not_stored(tmp_path):
+    with PageStore(tmp_path / "pages.db") as store:
+        store.put_pages("a", {g: page(g % 7) for g in range(0, 1200, 2)})  # even gfns; 7 distinct contents
+        store.put_pages("b", {1: page(99)})
+        wanted = [*range(1201), 1]  # odd (not stored) and even gfns, one past the last, a repeat
+        statements = []
+        store._db.set_trace_callback(statements.append)
+        got = store.get_pages("a", wanted)
+        store._db.set_trace_callback(None)
+        assert got == {g: page(g % 7) for g in range(0, 1200, 2)}
+        assert 1 not in got  # domain b's gfn 1 is not domain a's
+        assert len([s for s in statements if s.startswith("SELECT")]) == 3  # 500 gfns per query
+        assert store.get_pages("a", []) == {}
+        assert store.get_pages("nobody", range(10)) == {}
+
+
+def test_remove_pages_in_one_call_keeps_reference_counts_exact(tmp_path):
+    with PageStore(tmp_path / "pages.db") as store:
+        store.put_pages("a", {g: page(g % 3) for g in range(1200)})
+        store.put_pages("b", {0: page(0)})
+        assert store.remove_pages("a", [*range(5, 1300), 7]) == 1195  # spans three queries; unknown and repeats
+        assert store.gfns("a") == [0, 1, 2, 3, 4]
+        assert store.stats().blobs == 3  # still used by a's first five and b
+        assert store.check() == []
+        assert store.remove_pages("a", range(5)) == 5
+        assert store.stats().blobs == 1 and store.get_page("b", 0) == page(0)
+        assert store.check() == []
+
+
+def test_get_pages_refuses_a_corrupted_page_in_a_batch(tmp_path):
+    path = tmp_path / "pages.db"
+    with PageStore(path) as store:
+        store.put_pages("d", {3: page(3), 4: page(4)})
+    with sqlite3.connect(path) as db:
+        db.execute("UPDATE blobs SET data = ? WHERE data = ?", (page(5), page(4)))
+    with PageStore(path) as store:
+        assert store.get_pages("d", [3]) == {3: page(3)}
+        with pytest.raises(PageStoreCorrupt, match="d:0x4"):
+            store.get_pages("d", [3, 4])
+
+
 @settings(max_examples=40, deadline=None)
 @given(st.lists(st.tuples(st.sampled_from(["x", "y"]), st.integers(0, 20), st.integers(0, 4), st.booleans()),
                 max_size=60))
@@ -87,9 +128,11 @@ def test_matches_a_dict_model_under_any_sequence(tmp_path_factory, operations):
     model: dict[tuple[str, int], bytes] = {}
     try:
         for domain, gfn, content, remove in operations:
-            if remove:
-                store.remove_pages(domain, [gfn])
+            if remove:  # a gfn, its neighbour and the gfn again: removes are batched and deduplicated
+                expected = sum((domain, g) in model for g in (gfn, gfn + 1))
+                assert store.remove_pages(domain, [gfn, gfn + 1, gfn]) == expected
                 model.pop((domain, gfn), None)
+                model.pop((domain, gfn + 1), None)
             else:
                 store.put_pages(domain, {gfn: page(content)})
                 model[(domain, gfn)] = page(content)
@@ -97,6 +140,7 @@ def test_matches_a_dict_model_under_any_sequence(tmp_path_factory, operations):
             assert store.gfns(domain) == sorted(g for d, g in model if d == domain)
             for gfn in store.gfns(domain):
                 assert store.get_page(domain, gfn) == model[(domain, gfn)]
+            assert store.get_pages(domain, range(21)) == {g: v for (d, g), v in model.items() if d == domain}
         assert store.stats().blobs == len(set(model.values()))
         assert store.check() == []
     finally:

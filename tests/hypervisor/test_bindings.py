@@ -42,6 +42,17 @@ def test_private_abi_matches_our_patches():
     assert xc.REASON_XENSWAP_EVTCHN == int(reason, 16)
     sub_op = re.search(r"^\+#define XEN_DOMCTL_XENSWAP_evtchn_prefetch\s+(\d+)", prefetch, re.M).group(1)
     assert re.search(rf"#define XS_OP_evtchn_prefetch {sub_op}\b", pxd)
+    load_batch = next(PATCHES.glob("0004-*.patch")).read_text()
+    sub_op = re.search(r"^\+#define XEN_DOMCTL_XENSWAP_load_batch\s+(\d+)", load_batch, re.M).group(1)
+    assert re.search(rf"#define XS_OP_load_batch {sub_op}\b", pxd)
+    most = re.search(r"^\+#define XEN_DOMCTL_XENSWAP_LOAD_BATCH_MAX\s+(\d+)", load_batch, re.M).group(1)
+    assert xc.LOAD_BATCH_MAX == int(most)
+    # the load_batch member's layout: three 64-bit handles, then nr and done (32 bits each)
+    member = re.search(r"^\+        struct \{\n(.*?)^\+        \} load_batch;", load_batch, re.M | re.S).group(1)
+    fields = re.findall(r"^\+\s+(XEN_GUEST_HANDLE_64\(\w+\)|uint32_t) (\w+);", member, re.M)
+    assert [name for _, name in fields] == ["gfns", "data", "status", "nr", "done"]
+    assert re.search(r"uint64_t gfns;.*uint64_t data;.*uint64_t status;.*uint32_t nr;.*uint32_t done;.*\} load_batch",
+                     pxd, re.S)
 
 
 @pytest.mark.skipif(not NO_XEN, reason="this host runs Xen")
@@ -85,6 +96,14 @@ def test_paging_load_rejects_a_short_page_before_calling_xen():
 
 
 @pytest.mark.dom0
+def test_load_batch_checks_its_arguments_before_calling_xen():
+    with bindings.open_xenctrl() as ctrl:
+        with pytest.raises(ValueError, match="2 gfns need 8192 bytes"):
+            ctrl.mem_paging_load_batch(0, [1, 2], b"x" * 4096)
+        assert ctrl.mem_paging_load_batch(0, [], b"") == []  # nothing to do: no hypercall
+
+
+@pytest.mark.dom0
 def test_calls_on_dom0_fail_with_xens_errno_and_the_function_name():
     """dom0 itself has no paging ring and no NPT: Xen's refusals come back as OSError naming the C call."""
     with bindings.open_xenctrl() as ctrl:
@@ -98,6 +117,9 @@ def test_calls_on_dom0_fail_with_xens_errno_and_the_function_name():
         with pytest.raises(OSError) as caught:
             ctrl.harvest_accessed(0, 0, 64)
         assert caught.value.filename == "XEN_DOMCTL_xenswap_op(harvest_accessed)"
+        with pytest.raises(OSError) as caught:  # load_batch refuses the caller's own domain (patch 0004)
+            ctrl.mem_paging_load_batch(0, [0x100], bytes(4096))
+        assert caught.value.filename == "XEN_DOMCTL_xenswap_op(load_batch)" and caught.value.errno == errno.EINVAL
         assert ctrl.domain_maximum_gpfn(0) > 0
 
 

@@ -2,7 +2,7 @@
 # libxenforeignmemory, libxencall (for the xenswap domctl, which libxenctrl does not know), and the vm_event ring
 # helpers, which are C macros (xen/io/ring.h) and so are wrapped by small static C functions below.
 
-from libc.stdint cimport uint8_t, uint16_t, uint32_t, uint64_t
+from libc.stdint cimport int32_t, uint8_t, uint16_t, uint32_t, uint64_t
 
 
 cdef extern from "<xenctrl.h>" nogil:
@@ -69,6 +69,8 @@ cdef extern from "<xencall.h>" nogil:
         pass
     xencall_handle *xencall_open(void *logger, unsigned open_flags)
     int xencall_close(xencall_handle *xcall)
+    void *xencall_alloc_buffer_pages(xencall_handle *xcall, size_t nr_pages)
+    void xencall_free_buffer_pages(xencall_handle *xcall, void *p, size_t nr_pages)
 
 
 cdef extern from "<sys/mman.h>" nogil:
@@ -78,7 +80,7 @@ cdef extern from "<sys/mman.h>" nogil:
 
 
 # The vm_event ring (a back ring: Xen produces requests, we consume them and produce responses) and the xenswap
-# domctl (patch 0001/0002 in hypervisor-patches/), written in C because the ring is all macros and barriers.
+# domctl (patches 0001/0002/0004 in hypervisor-patches/), written in C because the ring is all macros and barriers.
 cdef extern from *:
     """
     #include <string.h>
@@ -96,6 +98,8 @@ cdef extern from *:
     #define XS_DOMCTL_xenswap_op 2000
     #define XS_OP_harvest_accessed 0
     #define XS_OP_evtchn_prefetch 1
+    #define XS_OP_load_batch 2
+    #define XS_LOAD_BATCH_MAX 1024
     #define XS_HARVEST_CLEAR 1u
     /* hypervisor-patches/0002: the new vm_event reason. */
     #define XS_VM_EVENT_REASON_XENSWAP_EVTCHN 0x7800
@@ -114,6 +118,13 @@ cdef extern from *:
                 uint32_t enable;
                 uint32_t nr_held;
             } prefetch;
+            struct {
+                uint64_t gfns;       /* XEN_GUEST_HANDLE_64(const_uint64) */
+                uint64_t data;       /* XEN_GUEST_HANDLE_64(const_uint8): nr * 4096 bytes */
+                uint64_t status;     /* XEN_GUEST_HANDLE_64(int) */
+                uint32_t nr;
+                uint32_t done;
+            } load_batch;
             uint8_t pad[64];
         } u;
     };
@@ -192,6 +203,51 @@ cdef extern from *:
         rc = xs_domctl_xenswap(xcall, domid, &op);
         *nr_held = op.u.prefetch.nr_held;
         return rc < 0 ? -1 : 0;
+    }
+
+    /* hypervisor-patches/0004: page nr (<= XS_LOAD_BATCH_MAX) frames back in with one domctl (again while Xen
+     * stops early to stay preemptible). buffer is a hypercall buffer laid out as xs_load_batch_layout says: the
+     * data (nr * 4096 bytes), then the gfns (uint64), then the per-gfn results (0 or -errno, int32). */
+    static size_t xs_load_batch_pages(uint32_t nr)
+    {
+        return nr + (nr * (sizeof(uint64_t) + sizeof(int32_t)) + XC_PAGE_SIZE - 1) / XC_PAGE_SIZE;
+    }
+
+    static uint64_t *xs_load_batch_gfns(void *buffer, uint32_t nr)
+    {
+        return (uint64_t *)((uint8_t *)buffer + (size_t)nr * XC_PAGE_SIZE);
+    }
+
+    static int32_t *xs_load_batch_status(void *buffer, uint32_t nr)
+    {
+        return (int32_t *)(xs_load_batch_gfns(buffer, nr) + nr);
+    }
+
+    static int xs_load_batch(xencall_handle *xcall, uint32_t domid, uint32_t nr, void *buffer)
+    {
+        uint32_t done = 0;
+
+        while ( done < nr )
+        {
+            struct xs_domctl_xenswap_op op;
+
+            memset(&op, 0, sizeof(op));
+            op.op = XS_OP_load_batch;
+            op.u.load_batch.gfns = (uint64_t)(uintptr_t)xs_load_batch_gfns(buffer, nr);
+            op.u.load_batch.data = (uint64_t)(uintptr_t)buffer;
+            op.u.load_batch.status = (uint64_t)(uintptr_t)xs_load_batch_status(buffer, nr);
+            op.u.load_batch.nr = nr;
+            op.u.load_batch.done = done;
+            if ( xs_domctl_xenswap(xcall, domid, &op) < 0 )
+                return -1;
+            if ( op.u.load_batch.done <= done )
+            {
+                errno = EIO;     /* no progress: never loop forever */
+                return -1;
+            }
+            done = op.u.load_batch.done;
+        }
+        return 0;
     }
 
     /* A flat copy of one ring slot, so Python never holds a pointer into the shared page. */
@@ -289,6 +345,11 @@ cdef extern from *:
     int xs_harvest_accessed(xencall_handle *xcall, uint32_t domid, uint64_t first, uint64_t nr, int clear,
                             uint8_t *out, uint64_t *nr_accessed) nogil
     int xs_evtchn_prefetch(xencall_handle *xcall, uint32_t domid, int enable, uint32_t *nr_held) nogil
+    size_t xs_load_batch_pages(uint32_t nr)
+    uint64_t *xs_load_batch_gfns(void *buffer, uint32_t nr)
+    int32_t *xs_load_batch_status(void *buffer, uint32_t nr)
+    int xs_load_batch(xencall_handle *xcall, uint32_t domid, uint32_t nr, void *buffer) nogil
+    int XS_LOAD_BATCH_MAX
     void xs_ring_init(vm_event_back_ring_t *back, void *page)
     int xs_ring_get_request(vm_event_back_ring_t *back, xs_vm_event *out)
     void xs_ring_put_response(vm_event_back_ring_t *back, const xs_vm_event *rsp)

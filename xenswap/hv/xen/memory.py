@@ -5,7 +5,8 @@
 - accessed_pages_and_clear: the hypervisor's access-bit harvest (patch 0001, XEN_DOMCTL_xenswap_op) over the
   guest's NPT: what the guest touched since the previous call, measured by the hardware walker, no faults;
 - page_out: nominate, copy into the page store (durable), evict (see xenswap.hv.xen.pager);
-- prefetch: load from the store (mem_paging_load: Xen allocates, copies and maps the frame).
+- prefetch: load from the store in batches (one store query and one load_batch hypercall of patch 0004 per 256
+  frames; per frame Xen allocates, copies and maps it, as mem_paging_load does, the fallback without 0004).
 
 The guest keeps running while it is paged: a touch of an evicted frame pauses the vCPU and puts a request on
 the paging ring, which the pager's thread answers from the store. One pager (and ring) per domain and process:
