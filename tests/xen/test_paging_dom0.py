@@ -155,8 +155,11 @@ def test_guest_paged_to_its_working_set_keeps_running_with_identical_memory(gues
             assert len(pager.out) >= evicted - pager.stats.faults
             assert set(memory.resident_pages()).isdisjoint(pager.out)
 
+        # Two heartbeats while paged out. The first ones fault the shell's working set back in, ~10-70 ms a
+        # fault under TCG depending on the host's load: up to a minute, not a fixed few seconds.
         beats = heartbeats(spec.name)
-        for _ in range(6):
+        deadline = time.monotonic() + 60
+        while len(heartbeats(spec.name)) < len(beats) + 2 and time.monotonic() < deadline:
             time.sleep(1)
             print(f"  +1 s: {pager.stats.faults} faults, {len(heartbeats(spec.name)) - len(beats)} heartbeats")
         assert len(heartbeats(spec.name)) >= len(beats) + 2, "no heartbeat while paged out"
@@ -232,8 +235,51 @@ def test_batched_load_gives_back_identical_frames_and_enoent_per_frame(guest, st
         assert md5_of_blob(spec.name) == expected
         pager.close(page_in_all=True)
 
-@pytest.mark.xfail(strict=False, reason="open: passed in 1 of 2 rig runs; the guest stopped answering its console "
-                   "in the other (the paging crash of docs/xen.md)")
+def test_pager_killed_with_sigkill_loses_no_page(guest, store, tmp_path):
+    """A standalone pager evicts the cold frames and is killed; the guest then faults with no pager (its vCPU
+    waits on the ring); a new pager takes the ring over, serves it, and every page comes back intact."""
+    from xenswap.hv.xen.pager import DomainPager
+
+    spec, expected = guest
+    domid = domid_of(spec.name)
+    env = {**os.environ, "PYTHONPATH": str(CHECKOUT)}
+    first = subprocess.Popen([sys.executable, "-m", "xenswap.hv.xen.pager", str(domid), "--store", str(store.path),
+                              "--page-out-cold", "3"], stdout=subprocess.PIPE, text=True, env=env)
+    try:
+        lines = []
+        for line in first.stdout:
+            lines.append(line)
+            if "serving" in line:
+                break
+        assert "serving" in lines[-1], "".join(lines)
+    finally:
+        first.send_signal(signal.SIGKILL)
+        first.wait()
+    key = _uuid(domid)
+    out_after_kill = set(store.gfns(key))
+    assert len(out_after_kill) > 1000, lines
+
+    # The guest touches its paged-out file while no pager runs: its vCPU pauses on the first fault.
+    tty = subprocess.run(["xenstore-read", f"/local/domain/{domid}/console/tty"], capture_output=True, text=True,
+                         check=True).stdout.strip()
+    with open(tty, "w") as pty:
+        pty.write("md5sum /tmp/blob > /tmp/sum.txt\n")
+    time.sleep(3)
+
+    with DomainPager(domid, store).open() as second:
+        assert second.stats.restarts_recovered == 1
+        # its ring thread already serves faults: what is no longer out, it loaded
+        assert second.out <= out_after_kill and len(out_after_kill - second.out) <= second.stats.faults
+        assert console_run(spec.name, "cat /tmp/sum.txt")[0].split()[0] == expected
+        assert md5_of_blob(spec.name) == expected
+        assert second.stats.faults > 0
+        second.close(page_in_all=True)
+    assert store.gfns(key) == []
+    assert store.check() == []
+
+
+@pytest.mark.xfail(strict=False, reason="open: in about half the rig runs the guest's console stops answering "
+                   "while its events are held (docs/xen.md)")
 def test_event_hook_holds_console_and_timer_events_until_the_pager_answers(guest, store):
     from xenswap.hv.xen.memory import XenMemory
     from xenswap.hv.xen.memory_events import EventPrefetcher
@@ -279,51 +325,17 @@ def test_event_hook_holds_console_and_timer_events_until_the_pager_answers(guest
         assert sum(p for _, _, p in console_events) > 0, "the console working set was not prefetched"
         assert any(req.state == 5 and req.virq == 0 for _, _, req in prefetcher.fired)
         assert took >= 1.0  # every console event was held for the hook's second
+
+        # A second hold in the same domain announces its events too (patch 0002 re-arms the tasklet that a
+        # disable killed; without that the guest's console hung on the second hold).
+        again = EventPrefetcher(pager, lambda kind: None, min_interval=0)
+        again.enable()
+        try:
+            assert console_run(spec.name, f"echo {token}-again") == [f"{token}-again"]
+        finally:
+            again.disable()
+        assert any(kind == "console" for _, kind, _ in again.fired), again.fired
         pager.close(page_in_all=True)
-
-
-@pytest.mark.xfail(strict=False, reason="open: after the takeover of a SIGKILLed pager's ring the guest did not "
-                   "answer again in 2 of 2 rig runs (once a triple fault): docs/xen.md")
-def test_pager_killed_with_sigkill_loses_no_page(guest, store, tmp_path):
-    """A standalone pager evicts the cold frames and is killed; the guest then faults with no pager (its vCPU
-    waits on the ring); a new pager takes the ring over, serves it, and every page comes back intact."""
-    from xenswap.hv.xen.pager import DomainPager
-
-    spec, expected = guest
-    domid = domid_of(spec.name)
-    env = {**os.environ, "PYTHONPATH": str(CHECKOUT)}
-    first = subprocess.Popen([sys.executable, "-m", "xenswap.hv.xen.pager", str(domid), "--store", str(store.path),
-                              "--page-out-cold", "3"], stdout=subprocess.PIPE, text=True, env=env)
-    try:
-        lines = []
-        for line in first.stdout:
-            lines.append(line)
-            if "serving" in line:
-                break
-        assert "serving" in lines[-1], "".join(lines)
-    finally:
-        first.send_signal(signal.SIGKILL)
-        first.wait()
-    key = _uuid(domid)
-    out_after_kill = set(store.gfns(key))
-    assert len(out_after_kill) > 1000, lines
-
-    # The guest touches its paged-out file while no pager runs: its vCPU pauses on the first fault.
-    tty = subprocess.run(["xenstore-read", f"/local/domain/{domid}/console/tty"], capture_output=True, text=True,
-                         check=True).stdout.strip()
-    with open(tty, "w") as pty:
-        pty.write("md5sum /tmp/blob > /tmp/sum.txt\n")
-    time.sleep(3)
-
-    with DomainPager(domid, store).open() as second:
-        assert second.stats.restarts_recovered == 1
-        assert second.out == out_after_kill
-        assert console_run(spec.name, "cat /tmp/sum.txt")[0].split()[0] == expected
-        assert md5_of_blob(spec.name) == expected
-        assert second.stats.faults > 0
-        second.close(page_in_all=True)
-    assert store.gfns(key) == []
-    assert store.check() == []
 
 
 def _uuid(domid: int) -> str:
