@@ -187,7 +187,12 @@ class DomainPager:
             # All the faults on the ring at once: one batch. EVICT_FAIL: touched between nominate and evict; Xen
             # still has the frame, the answer maps it.
             started = time.perf_counter()
-            self._load([r.gfn for r in faults if not r.u_flags & self.xc.PAGING_EVICT_FAIL])
+            try:
+                self._load([r.gfn for r in faults if not r.u_flags & self.xc.PAGING_EVICT_FAIL])
+            except Exception as error:  # answer anyway: a vCPU left paused and the held events would hang the guest
+                # (an unloaded frame faults again and comes back as a new request)
+                print(f"xenswap pager {self.domid}: page-in of {len(faults)} faulted frames failed: {error}",
+                      file=sys.stderr)
             each = (time.perf_counter() - started) / len(faults)
             self.stats.faults += len(faults)
             self.stats.fault_seconds.extend([each] * len(faults))
