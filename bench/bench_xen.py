@@ -45,23 +45,18 @@ def console_round_trip(name: str, command: str = "ls / >/dev/null; date", timeou
     """Seconds from typing ``command`` on the guest's console to its end marker in the console log."""
     from xenswap.hv.xen import xl as xlh
 
-    domid = int(xl("domid", name))
-    tty = subprocess.run(["xenstore-read", f"/local/domain/{domid}/console/tty"], capture_output=True,
-                         text=True, check=True).stdout.strip()
+    tty = xlh.console_tty(name)  # looked up before the clock starts
     token = secrets.token_hex(4)
-    log = xlh.console_log(name)
     started = time.monotonic()
     with open(tty, "w") as pty:
         pty.write(f"{command}; echo {token}-$((40+2))\n")
-    while time.monotonic() - started < timeout:
-        if f"{token}-42" in log.read_text(errors="replace"):
-            return time.monotonic() - started
-        time.sleep(0.01)
-    raise RuntimeError(f"{name}: no reply to {command!r} within {timeout} s")
+    xlh.wait_for_console(name, f"{token}-42", timeout, poll=0.01)
+    return time.monotonic() - started
 
 
 def dom0_main(reps: int, memory_mib: int, with_restore: bool = True) -> dict:
     from xenswap.core.page_store import PageStore
+    from xenswap.errors import XenswapError
     from xenswap.hv.xen import xl as xlh
     from xenswap.hv.xen.memory import XenMemory
     from xenswap.hv.xen.memory_events import EventPrefetcher
@@ -124,7 +119,7 @@ def dom0_main(reps: int, memory_mib: int, with_restore: bool = True) -> dict:
             prefetcher.enable()
             try:
                 figures.setdefault("prefetch", []).append(console_round_trip(name, timeout=120))
-            except RuntimeError:
+            except XenswapError:  # no reply in time
                 import faulthandler
 
                 print(f"stuck: {pager.stats} held={pager.hold_events(True)} fired={prefetcher.fired[-5:]} "

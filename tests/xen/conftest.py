@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import secrets
+import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -27,6 +28,15 @@ def guest_files() -> tuple[Path, Path]:
         if not path.is_file():
             pytest.fail(f"guest image file {path} not visible in dom0")
     return paths
+
+
+@pytest.fixture(scope="module")
+def patched_xen() -> None:
+    """Fails the test unless dom0 runs our patched hypervisor (paging, sharing, the xenswap domctl)."""
+    info = subprocess.run(["xl", "info"], capture_output=True, text=True).stdout
+    if "xenswap" not in info:
+        pytest.fail("these tests need the patched hypervisor (xenswap rig boot --xen patched); "
+                    "xl info does not say -xenswap")
 
 
 @pytest.fixture

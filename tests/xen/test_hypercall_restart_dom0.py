@@ -15,11 +15,11 @@ import subprocess
 import time
 
 import pytest
-from test_paging_dom0 import console_run, domid_of, patched_hypervisor
 
 from xenswap.core.page_store import PageStore
+from xenswap.hv.xen import xl
 
-pytestmark = pytest.mark.dom0
+pytestmark = [pytest.mark.dom0, pytest.mark.usefixtures("patched_xen")]
 
 PROBE_SLEEP = 20  # seconds the probe leaves its argument page alone: time for the test to page it out
 
@@ -30,18 +30,16 @@ def restarts_logged() -> int:
 
 
 def test_hypercall_with_a_paged_out_argument_is_restarted_not_failed(pvh_guest, tmp_path):
-    from xenswap.hv.xen import xl
     from xenswap.hv.xen.memory import XenMemory
     from xenswap.hv.xen.pager import DomainPager
 
-    if not patched_hypervisor():
-        pytest.fail("needs the patched hypervisor (xenswap rig boot --xen patched)")
     xl.wait_for_console(pvh_guest.name, xl.GUEST_UP_MARKER, timeout=180)
-    domid = domid_of(pvh_guest.name)
+    domid = xl.domid(pvh_guest.name)
     # the hypercall works while its argument is resident (the probe and the guest's privcmd are fine)
-    assert any(line.startswith("rc=0 errno=0") for line in console_run(pvh_guest.name, "xenswap-hcall-probe 0"))
-    started = console_run(pvh_guest.name, f"xenswap-hcall-probe {PROBE_SLEEP} >/tmp/probe.out 2>&1 & "
-                                          "sleep 1; cat /tmp/probe.out")
+    resident = xl.console_command(pvh_guest.name, "xenswap-hcall-probe 0")
+    assert any(line.startswith("rc=0 errno=0") for line in resident), resident
+    started = xl.console_command(pvh_guest.name, f"xenswap-hcall-probe {PROBE_SLEEP} >/tmp/probe.out 2>&1 & "
+                                 "sleep 1; cat /tmp/probe.out")
     match = re.search(r"pfn=(0x[0-9a-f]+)", "\n".join(started))
     assert match, f"the probe did not start: {started}"
     gfn = int(match.group(1), 16)
@@ -58,7 +56,7 @@ def test_hypercall_with_a_paged_out_argument_is_restarted_not_failed(pvh_guest, 
         result: list[str] = []
         while time.monotonic() < deadline and not any(line.startswith("rc=") for line in result):
             time.sleep(2)
-            result = console_run(pvh_guest.name, "cat /tmp/probe.out")
+            result = xl.console_command(pvh_guest.name, "cat /tmp/probe.out")
         outcome = next((line for line in result if line.startswith("rc=")), None)
         assert outcome is not None, f"the probe did not finish: {result}"
         # EVTCHNOP_status of the guest's own port 1 succeeds once Xen can read the argument

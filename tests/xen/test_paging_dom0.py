@@ -22,55 +22,14 @@ import pytest
 from xenswap.core.page_store import PageStore
 from xenswap.hv.xen import bindings, xl
 
-pytestmark = pytest.mark.dom0
+pytestmark = [pytest.mark.dom0, pytest.mark.usefixtures("patched_xen")]
 
 CHECKOUT = Path(__file__).resolve().parents[2]
 BLOB_MIB = 2  # demand paging under TCG costs ~40 ms a fault: 512 faults
 
 
-def patched_hypervisor() -> bool:
-    out = subprocess.run(["xl", "info"], capture_output=True, text=True).stdout
-    return "xenswap" in out
-
-
-@pytest.fixture(scope="module", autouse=True)
-def needs_patched_xen():
-    if not patched_hypervisor():
-        pytest.fail("these tests need the patched hypervisor (xenswap rig boot --xen patched); "
-                    "xl info does not say -xenswap")
-
-
-def domid_of(name: str) -> int:
-    return int(subprocess.run(["xl", "domid", name], capture_output=True, text=True, check=True).stdout)
-
-
-def console_run(name: str, command: str, timeout: float = 180.0, serve=None) -> list[str]:
-    """Type a command on the guest's console (its pty) and return its output lines. ``serve`` (optional) is
-    called while waiting (e.g. a pager's ring, when the test itself serves it)."""
-    domid = domid_of(name)
-    tty = subprocess.run(["xenstore-read", f"/local/domain/{domid}/console/tty"], capture_output=True, text=True,
-                         check=True).stdout.strip()
-    token = secrets.token_hex(4)
-    # The console echoes what is typed: output lines carry the token as a prefix the echo cannot start with,
-    # and the end marker is computed by the guest's shell.
-    line = f"{command} 2>&1 | sed 's/^/{token}: /'; echo {token}-$((40+2))\n"
-    log = xl.console_log(name)
-    with open(tty, "w") as pty:
-        pty.write(line)
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        text = log.read_text(errors="replace").replace("\r", "")
-        if f"\n{token}-42" in text:
-            return [ln[len(token) + 2:] for ln in text.splitlines() if ln.startswith(f"{token}: ")]
-        if serve is not None:
-            serve()
-        time.sleep(0.05)
-    tail = "\n".join(log.read_text(errors="replace").splitlines()[-15:])
-    raise AssertionError(f"{command!r} did not finish on {name}'s console within {timeout:g} s:\n{tail}")
-
-
 def md5_of_blob(name: str, **kwargs) -> str:
-    out = console_run(name, "md5sum /tmp/blob", **kwargs)
+    out = xl.console_command(name, "md5sum /tmp/blob", **kwargs)
     sums = [ln.split()[0] for ln in out if re.match(r"^[0-9a-f]{32}\s", ln)]
     assert sums, out
     return sums[0]
@@ -91,10 +50,10 @@ def heartbeats(name: str) -> list[int]:
 def guest(pvh_guest):
     """The module's PVH guest, with a random tmpfs file (its md5sum) and a heartbeat on its console."""
     xl.wait_for_console(pvh_guest.name, xl.GUEST_UP_MARKER, timeout=180)
-    console_run(pvh_guest.name, f"dd if=/dev/urandom of=/tmp/blob bs=1M count={BLOB_MIB} 2>/dev/null; echo ok")
+    xl.console_command(pvh_guest.name, f"dd if=/dev/urandom of=/tmp/blob bs=1M count={BLOB_MIB} 2>/dev/null; echo ok")
     expected = md5_of_blob(pvh_guest.name)
     # A heartbeat every second: "HB <n>" (n counts up; the log shows the guest ran while it was paged).
-    console_run(pvh_guest.name, "(n=0; while :; do n=$((n+1)); echo HB $n; sleep 1; done) >/dev/hvc0 &")
+    xl.console_command(pvh_guest.name, "(n=0; while :; do n=$((n+1)); echo HB $n; sleep 1; done) >/dev/hvc0 &")
     return pvh_guest, expected
 
 
@@ -123,7 +82,7 @@ def page_out_to_working_set(memory, window: float = 3.0) -> tuple[int, list[int]
 def test_ring_is_refused_a_second_time_while_enabled(guest):
     """Xen allows one paging ring per domain: the takeover path of a restarted pager starts from EBUSY."""
     spec, _ = guest
-    domid = domid_of(spec.name)
+    domid = xl.domid(spec.name)
     ctrl = bindings.open_xenctrl()
     with bindings.VmEventChannel.open(ctrl, domid):
         with pytest.raises(OSError) as caught:
@@ -136,7 +95,7 @@ def test_guest_paged_to_its_working_set_keeps_running_with_identical_memory(gues
     from xenswap.hv.xen.pager import DomainPager
 
     spec, expected = guest
-    domid = domid_of(spec.name)
+    domid = xl.domid(spec.name)
     before_kb = mem_kb(domid)
     with DomainPager(domid, store).open() as pager:
         memory = XenMemory(domid, pager)
@@ -191,7 +150,7 @@ def test_batched_load_gives_back_identical_frames_and_enoent_per_frame(guest, st
     from xenswap.hv.xen.pager import DomainPager
 
     spec, expected = guest
-    domid = domid_of(spec.name)
+    domid = xl.domid(spec.name)
     with DomainPager(domid, store).open() as pager:
         memory = XenMemory(domid, pager)
         evicted, hot = page_out_to_working_set(memory)
@@ -241,7 +200,7 @@ def test_pager_killed_with_sigkill_loses_no_page(guest, store, tmp_path):
     from xenswap.hv.xen.pager import DomainPager
 
     spec, expected = guest
-    domid = domid_of(spec.name)
+    domid = xl.domid(spec.name)
     env = {**os.environ, "PYTHONPATH": str(CHECKOUT)}
     first = subprocess.Popen([sys.executable, "-m", "xenswap.hv.xen.pager", str(domid), "--store", str(store.path),
                               "--page-out-cold", "3"], stdout=subprocess.PIPE, text=True, env=env)
@@ -260,17 +219,14 @@ def test_pager_killed_with_sigkill_loses_no_page(guest, store, tmp_path):
     assert len(out_after_kill) > 1000, lines
 
     # The guest touches its paged-out file while no pager runs: its vCPU pauses on the first fault.
-    tty = subprocess.run(["xenstore-read", f"/local/domain/{domid}/console/tty"], capture_output=True, text=True,
-                         check=True).stdout.strip()
-    with open(tty, "w") as pty:
-        pty.write("md5sum /tmp/blob > /tmp/sum.txt\n")
+    xl.type_on_console(spec.name, "md5sum /tmp/blob > /tmp/sum.txt")
     time.sleep(3)
 
     with DomainPager(domid, store).open() as second:
         assert second.stats.restarts_recovered == 1
         # its ring thread already serves faults: what is no longer out, it loaded
         assert second.out <= out_after_kill and len(out_after_kill - second.out) <= second.stats.faults
-        assert console_run(spec.name, "cat /tmp/sum.txt")[0].split()[0] == expected
+        assert xl.console_command(spec.name, "cat /tmp/sum.txt")[0].split()[0] == expected
         assert md5_of_blob(spec.name) == expected
         assert second.stats.faults > 0
         second.close(page_in_all=True)
@@ -286,7 +242,7 @@ def test_event_hook_holds_console_and_timer_events_until_the_pager_answers(guest
     from xenswap.hv.xen.pager import DomainPager
 
     spec, expected = guest
-    domid = domid_of(spec.name)
+    domid = xl.domid(spec.name)
     token = secrets.token_hex(3)
     seen: list[tuple[str, bool, int]] = []  # (kind, command output already on the console?, prefetched)
 
@@ -294,7 +250,7 @@ def test_event_hook_holds_console_and_timer_events_until_the_pager_answers(guest
         memory = XenMemory(domid, pager)
         # the console event's working set, measured like the core engine does: accessed bits around one event
         memory.accessed_pages_and_clear()
-        console_run(spec.name, "md5sum /tmp/blob")
+        xl.console_command(spec.name, "md5sum /tmp/blob")
         console_ws = memory.accessed_pages_and_clear()
         page_out_to_working_set(memory)
         assert len(pager.out) > 1000
@@ -312,7 +268,7 @@ def test_event_hook_holds_console_and_timer_events_until_the_pager_answers(guest
             assert md5_of_blob(spec.name) == expected
             before_echo = len(seen)
             typed = time.monotonic()
-            console_run(spec.name, f"echo {token}-$((6*7))")
+            xl.console_command(spec.name, f"echo {token}-$((6*7))")
             took = time.monotonic() - typed
         finally:
             prefetcher.disable()
@@ -331,7 +287,7 @@ def test_event_hook_holds_console_and_timer_events_until_the_pager_answers(guest
         again = EventPrefetcher(pager, lambda kind: None, min_interval=0)
         again.enable()
         try:
-            assert console_run(spec.name, f"echo {token}-again") == [f"{token}-again"]
+            assert xl.console_command(spec.name, f"echo {token}-again") == [f"{token}-again"]
         finally:
             again.disable()
         assert any(kind == "console" for _, kind, _ in again.fired), again.fired

@@ -4,6 +4,7 @@ them; the toolstack itself stays xl). Guest consoles are logged by ``xenconsoled
 
 from __future__ import annotations
 
+import secrets
 import shutil
 import subprocess
 import time
@@ -11,6 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from xenswap.errors import MissingTool, XenswapError
+from xenswap.hv.xen.xenstore import XenStore
 
 CONSOLE_LOG_DIR = Path("/var/log/xen/console")
 CONFIG_DIR = Path("/run/xenswap/xl")
@@ -78,19 +80,52 @@ def destroy(name: str) -> None:
     subprocess.run(["xl", "destroy", name], capture_output=True, timeout=120)
 
 
-def wait_for_console(name: str, text: str, timeout: float) -> float:
-    """Seconds until ``text`` appeared in the guest's console log; raises XenswapError with the log's tail."""
+def domid(name: str) -> int:
+    return int(_xl("domid", name).strip())
+
+
+def console_tty(name: str) -> str:
+    """The pty xenconsoled gives the guest's console (what ``xl console`` attaches to)."""
+    with XenStore() as store:
+        tty = store.read(f"/local/domain/{domid(name)}/console/tty")
+    if not tty:
+        raise XenswapError(f"{name} has no console pty in xenstore (is xenconsoled running?)")
+    return tty
+
+
+def type_on_console(name: str, line: str) -> None:
+    """Type one line on the guest's console, as if at its shell prompt."""
+    with open(console_tty(name), "w") as pty:
+        pty.write(line + "\n")
+
+
+def console_command(name: str, command: str, timeout: float = 180.0) -> list[str]:
+    """Run a shell command on the guest's console and return its output lines (the console log holds the echo
+    of what was typed too: output lines carry a token prefix the echo cannot start with, and the end marker is
+    computed by the guest's shell). Raises XenswapError with the log's tail when it does not finish in time."""
+    token = secrets.token_hex(4)
+    type_on_console(name, f"{command} 2>&1 | sed 's/^/{token}: /'; echo {token}-$((40+2))")
+    wait_for_console(name, f"\n{token}-42", timeout, poll=0.05)
+    return [line[len(token) + 2:] for line in _console_text(name).splitlines() if line.startswith(f"{token}: ")]
+
+
+def _console_text(name: str) -> str:
+    return console_log(name).read_text(errors="replace").replace("\r", "")
+
+
+def wait_for_console(name: str, text: str, timeout: float, poll: float = 0.5) -> float:
+    """Seconds until ``text`` appeared in the guest's console log (carriage returns dropped), polled every
+    ``poll`` seconds; raises XenswapError with the log's tail."""
     started = time.monotonic()
-    log = console_log(name)
     while time.monotonic() - started < timeout:
         try:
-            if text in log.read_text(errors="replace"):
+            if text in _console_text(name):
                 return time.monotonic() - started
         except OSError:
             pass
-        time.sleep(0.5)
+        time.sleep(poll)
     try:
-        last = "\n".join(log.read_text(errors="replace").splitlines()[-20:])
+        last = "\n".join(_console_text(name).splitlines()[-20:])
     except OSError:
         last = "(no console log)"
     raise XenswapError(f"{text!r} not seen on {name}'s console within {timeout:g} s; last lines:\n{last}")
