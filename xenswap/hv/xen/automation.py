@@ -27,7 +27,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from xenswap.core.policy import DomainOverride
+from xenswap.core.policy import DomainOverride, Manager
 from xenswap.errors import XenswapError
 from xenswap.hv.xen.xenstore import Watch, XenStore, XenStoreError
 
@@ -107,7 +107,7 @@ class Automation:
     and the published figures; None answers paging requests with "unavailable". ``sharer_factory`` makes a
     XenSharer per sharing pass (tests pass a smaller batch)."""
 
-    def __init__(self, engine: object | None = None, root: str = ROOT, share_interval: float = 300.0,
+    def __init__(self, engine: Manager | None = None, root: str = ROOT, share_interval: float = 300.0,
                  publish_interval: float = 5.0, sharer_factory: Callable[[], object] | None = None,
                  hv_factory: Callable[[], object] | None = None) -> None:
         self.engine = engine
@@ -116,6 +116,7 @@ class Automation:
         self.publish_interval = publish_interval
         self.sharer_factory = sharer_factory
         self.hv_factory = hv_factory
+        self.hv = None  # opened by start()
         self.policies: dict[int, DomainPolicy] = {}
         self.last_share: dict[str, object] | None = None
         self._stop = threading.Event()
@@ -241,9 +242,9 @@ class Automation:
             return RESULT_UNAVAILABLE, PAGING_UNAVAILABLE
         name = self.hv.lookup(domid).name
         if action == "page-in":
-            decision = self.engine.page_in(name)  # type: ignore[attr-defined]
+            decision = self.engine.page_in(name)
             return RESULT_OK, f"paged in {decision.pages or 0} pages"
-        decision = self.engine.page_out(name, keep_ws=action == "page-out")  # type: ignore[attr-defined]
+        decision = self.engine.page_out(name, keep_ws=action == "page-out")
         return RESULT_OK, f"paged out {decision.pages or 0} pages"
 
     def _answer(self, key: str, request: str, result: str, message: str, final: bool = True) -> None:
@@ -292,7 +293,7 @@ class Automation:
 
     def _tell_engine(self, domid: int, policy: DomainPolicy | None) -> None:
         """The engine's ticks follow auto-page-out and idle-threshold (the engine knows domains by name)."""
-        if self.engine is None or not hasattr(self.engine, "set_override") or getattr(self, "hv", None) is None:
+        if self.engine is None or self.hv is None:
             return
         try:
             name = self.hv.lookup(domid).name
@@ -333,7 +334,7 @@ class Automation:
         """Write every live domain's figures under /xenswap/domains/<domid>/ and drop entries (policy,
         status, figures) of domains that are gone: domids are reused."""
         domains = self.hv.list_domains()
-        if self.engine is not None and hasattr(self.engine, "annotate"):
+        if self.engine is not None:
             domains = self.engine.annotate(domains)
         shared = xl_shared_mib()
         live = set()
