@@ -22,7 +22,7 @@ import pytest
 from xenswap.hv.xen import xl
 from xenswap.hv.xen.xenstore import XenStore
 
-pytestmark = pytest.mark.dom0
+pytestmark = [pytest.mark.dom0, pytest.mark.usefixtures("patched_xen")]
 
 
 class GuestConsole:
@@ -95,13 +95,6 @@ def guest_files() -> tuple[str, str]:
     if not kernel or not initrd:
         pytest.fail("XENSWAP_GUEST_KERNEL/XENSWAP_GUEST_INITRD not set: run these tests through the rig")
     return kernel, initrd
-
-
-@pytest.fixture(scope="module", autouse=True)
-def needs_patched_xen():
-    if "xenswap" not in _xl("info"):
-        pytest.fail("page sharing needs the patched hypervisor (CONFIG_MEM_SHARING, hypervisor-patches/): "
-                    "xl info does not say -xenswap")
 
 
 def _xl(*args: str) -> str:
