@@ -51,6 +51,9 @@ REMOVE_BATCH = 512  # loaded frames forgotten by the store per commit (page_in_a
 # Loaded frames forgotten per idle moment of the ring thread: a fault that arrives meanwhile waits for one such
 # commit at most.
 IDLE_REMOVE_BATCH = 128
+# How long close() waits for the ring thread to finish what it is serving before it leaves the ring enabled for a
+# successor instead of disabling it under the thread.
+THREAD_STOP_SECONDS = 60
 
 
 def default_store_path() -> Path:
@@ -81,6 +84,7 @@ class PagerStats:
     fault_seconds: list[float] = field(default_factory=list)  # load time per fault (last 1000)
     restarts_recovered: int = 0  # the ring was found enabled by a previous pager
     superpages_split: int = 0
+    serve_errors: int = 0  # errors the ring thread reported and went on after (on stderr)
 
 
 # Called with the held event's request; returns once what the event needs is loaded (the pager then answers).
@@ -145,17 +149,35 @@ class DomainPager:
         if page_in_all and self.channel is not None:
             self.page_in_all()
         self._stop.set()
+        serving = False
         if self._thread is not None:
-            self._thread.join(timeout=5)
+            self._thread.join(timeout=THREAD_STOP_SECONDS)
+            serving = self._thread.is_alive()  # stuck in a long load: it still owns the ring
             self._thread = None
         self._flush_loaded()
         if self.channel is not None:
-            if page_in_all or not self.out:
-                with contextlib.suppress(OSError):
-                    self.channel.close()
+            if (page_in_all or not self.out) and not serving:
+                self._disable_ring()
             else:
                 self.channel.close_keep_enabled()
             self.channel = None
+
+    def _disable_ring(self) -> None:
+        """Answer what is still on the ring, then disable it, with the domain paused.
+
+        Why: a request put after the ring thread's last look (a vCPU that faulted on a frame the page-in was
+        loading at that moment) would go with the ring, and its vCPU would stay paused for good: Xen's
+        vm_event_disable unblocks only the vCPUs waiting for a free slot, not those paused on a request. Paused,
+        no vCPU can put a new one in between."""
+        self._xc.domain_pause(self.domid)
+        try:
+            left = self.channel.ring.get_requests()
+            if left:
+                self.handle(left)
+            with contextlib.suppress(OSError):
+                self.channel.close()
+        finally:
+            self._xc.domain_unpause(self.domid)
 
     def __enter__(self) -> DomainPager:
         return self
@@ -170,14 +192,28 @@ class DomainPager:
                 # gap the commits landed between the faults of one guest access (measured in the rig: the md5sum of
                 # a paged 2 MiB file took 47 s instead of 6.1 s, 63 instead of 9 ms per fault round trip).
                 requests = self.channel.wait(0.2)
-            except (OSError, ValueError):
+            except (OSError, ValueError) as error:
                 if self._stop.is_set():
                     return
-                raise
-            if requests:
-                self.handle(requests)
-            elif self._loaded_pending:
-                self._flush_loaded(IDLE_REMOVE_BATCH)
+                # the thread goes on: a ring nobody serves any more hangs the guest at its next fault
+                self._serve_error("waiting on the ring", error)
+                continue
+            try:
+                if requests:
+                    self.handle(requests)
+                elif self._loaded_pending:
+                    self._flush_loaded(IDLE_REMOVE_BATCH)
+            except Exception as error:
+                self._serve_error("serving the ring", error)
+
+    def _serve_error(self, doing: str, error: Exception) -> None:
+        info = self._xc.domain_getinfo(self.domid, 1)
+        if not info or info[0]["domid"] != self.domid:
+            self._stop.set()  # the domain is gone, and its ring with it
+            return
+        self.stats.serve_errors += 1
+        print(f"xenswap pager {self.domid}: {doing}: {error!r}", file=sys.stderr, flush=True)
+        self._stop.wait(0.1)  # an error that repeats must not spin
 
     def handle(self, requests: list) -> None:
         """Serve ring requests: page-in faults from the store, held events through the hook; answer all."""
