@@ -77,6 +77,20 @@ def _relay_live(chunk: bytes) -> None:
     sys.__stdout__.flush()
 
 
+def _failure_digest(out: str) -> str:
+    """The dom0 suite's failures first (per failing test: its last error line and the Xen state the dom0 conftest
+    recorded after it), then the end of its output: a CI log cut in the middle still shows why."""
+    failures = re.split(r"^(_{5,} test\S* _{5,})$", out, flags=re.M)
+    digest = []
+    for header, body in zip(failures[1::2], failures[2::2], strict=True):
+        body = re.split(r"^={5,} ", body, flags=re.M)[0]
+        errors = re.findall(r"^E {3}.*$", body, re.M)
+        raised = [line for line in errors if re.match(r"E\s+\w+(Error|Exception|Timeout)\b", line)]
+        state = body.partition("xen state after the failure")[2]
+        digest += [header, *(raised or errors)[-1:], state[:1800].strip("- \n")]
+    return "\n".join([*digest, "...", out[-2500:]])
+
+
 @pytest.mark.timeout(3000)  # the whole dom0 suite (paging, sharing, automation under nested TCG) in one test
 def test_dom0_suite_passes(rig):
     """Every dom0-marked test of the project (Xen port, xenstore, paging, sharing, automation, kernel module,
@@ -85,7 +99,7 @@ def test_dom0_suite_passes(rig):
     rc, out = rig.run("python3 -m pytest -p no:cacheprovider -m dom0 tests -v -rfE --durations=8", timeout=2400,
                       on_output=_relay_live)
     print(f"dom0 suite: {time.monotonic() - started:.1f} s\n{out[-2500:]}")
-    assert rc == 0, out[-4000:]
+    assert rc == 0, _failure_digest(out)
     summary = re.search(r"(\d+) passed", out)
     assert summary and int(summary.group(1)) > 0, out[-2000:]
     assert " failed" not in out and " error" not in out

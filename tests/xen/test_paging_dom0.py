@@ -7,6 +7,7 @@ console (interdomain) or timer (VIRQ) event until the pager answers; a pager kil
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import re
@@ -66,6 +67,20 @@ def store(tmp_path):
         path.unlink()
 
 
+@contextlib.contextmanager
+def serving(domid: int, store: PageStore):
+    """A pager for one test that gives every frame back at its end, also when the test fails: the module's next
+    test then starts from a guest with all its memory, so a failure stays the failing test's."""
+    from xenswap.hv.xen.pager import DomainPager
+
+    pager = DomainPager(domid, store).open()
+    try:
+        yield pager
+        assert pager.stats.serve_errors == 0, "the ring thread reported errors (stderr)"
+    finally:
+        pager.close(page_in_all=True)
+
+
 def page_out_to_working_set(memory, window: float = 3.0) -> tuple[int, list[int]]:
     memory.accessed_pages_and_clear()
     time.sleep(window)
@@ -92,12 +107,11 @@ def test_ring_is_refused_a_second_time_while_enabled(guest):
 
 def test_guest_paged_to_its_working_set_keeps_running_with_identical_memory(guest, store):
     from xenswap.hv.xen.memory import XenMemory
-    from xenswap.hv.xen.pager import DomainPager
 
     spec, expected = guest
     domid = xl.domid(spec.name)
     before_kb = mem_kb(domid)
-    with DomainPager(domid, store).open() as pager:
+    with serving(domid, store) as pager:
         memory = XenMemory(domid, pager)
         started = time.monotonic()
         evicted, hot = page_out_to_working_set(memory)
@@ -147,11 +161,10 @@ def test_batched_load_gives_back_identical_frames_and_enoent_per_frame(guest, st
     stopping the others; the frames Xen maps are byte for byte the stored copies; the pager's page-in (batched)
     then brings the rest back, its bookkeeping exact, and the guest's file has the same md5sum."""
     from xenswap.hv.xen.memory import XenMemory
-    from xenswap.hv.xen.pager import DomainPager
 
     spec, expected = guest
     domid = xl.domid(spec.name)
-    with DomainPager(domid, store).open() as pager:
+    with serving(domid, store) as pager:
         memory = XenMemory(domid, pager)
         evicted, hot = page_out_to_working_set(memory)
         assert evicted > memory.guest_pages() * 3 // 4
@@ -197,8 +210,6 @@ def test_batched_load_gives_back_identical_frames_and_enoent_per_frame(guest, st
 def test_pager_killed_with_sigkill_loses_no_page(guest, store, tmp_path):
     """A standalone pager evicts the cold frames and is killed; the guest then faults with no pager (its vCPU
     waits on the ring); a new pager takes the ring over, serves it, and every page comes back intact."""
-    from xenswap.hv.xen.pager import DomainPager
-
     spec, expected = guest
     domid = xl.domid(spec.name)
     env = {**os.environ, "PYTHONPATH": str(CHECKOUT)}
@@ -222,7 +233,7 @@ def test_pager_killed_with_sigkill_loses_no_page(guest, store, tmp_path):
     xl.type_on_console(spec.name, "md5sum /tmp/blob > /tmp/sum.txt")
     time.sleep(3)
 
-    with DomainPager(domid, store).open() as second:
+    with serving(domid, store) as second:
         assert second.stats.restarts_recovered == 1
         # its ring thread already serves faults: what is no longer out, it loaded
         assert second.out <= out_after_kill and len(out_after_kill - second.out) <= second.stats.faults
@@ -239,14 +250,13 @@ def test_pager_killed_with_sigkill_loses_no_page(guest, store, tmp_path):
 def test_event_hook_holds_console_and_timer_events_until_the_pager_answers(guest, store):
     from xenswap.hv.xen.memory import XenMemory
     from xenswap.hv.xen.memory_events import EventPrefetcher
-    from xenswap.hv.xen.pager import DomainPager
 
     spec, expected = guest
     domid = xl.domid(spec.name)
     token = secrets.token_hex(3)
     seen: list[tuple[str, bool, int]] = []  # (kind, command output already on the console?, prefetched)
 
-    with DomainPager(domid, store).open() as pager:
+    with serving(domid, store) as pager:
         memory = XenMemory(domid, pager)
         # the console event's working set, measured like the core engine does: accessed bits around one event
         memory.accessed_pages_and_clear()
