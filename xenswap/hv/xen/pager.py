@@ -207,7 +207,10 @@ class DomainPager:
                 self._serve_error("serving the ring", error)
 
     def _serve_error(self, doing: str, error: Exception) -> None:
-        info = self._xc.domain_getinfo(self.domid, 1)
+        try:
+            info = self._xc.domain_getinfo(self.domid, 1)
+        except Exception:  # cannot tell: report the error and go on
+            info = [{"domid": self.domid}]
         if not info or info[0]["domid"] != self.domid:
             self._stop.set()  # the domain is gone, and its ring with it
             return
