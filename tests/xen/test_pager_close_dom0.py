@@ -33,10 +33,7 @@ def test_close_answers_a_request_its_ring_thread_never_saw(pvh_guest, tmp_path):
         memory = XenMemory(domid, pager)
         memory.accessed_pages_and_clear()  # splits the superpages: the next harvests are exact
         time.sleep(2)
-        memory.accessed_pages_and_clear()
-        time.sleep(2)
-        hot = set(memory.accessed_pages_and_clear())
-        pager.page_out(g for g in range(memory.guest_pages()) if g not in hot)
+        memory.page_out_cold(2.0)
         assert len(pager.out) > 1000
 
         pager._stop.set()  # the ring thread stops serving: what the guest asks for now waits on the ring

@@ -37,9 +37,9 @@ def md5_of_blob(name: str, **kwargs) -> str:
 
 
 def mem_kb(domid: int) -> int:
-    from xenswap.hv.xen import load_xc
+    from xenswap.hv.xen import domain_record
 
-    return int(load_xc().xc().domain_getinfo(domid, 1)[0]["mem_kb"])
+    return int(domain_record(domid)["mem_kb"])
 
 
 def heartbeats(name: str) -> list[int]:
@@ -82,16 +82,9 @@ def serving(domid: int, store: PageStore):
 
 
 def page_out_to_working_set(memory, window: float = 3.0) -> tuple[int, list[int]]:
-    memory.accessed_pages_and_clear()
-    time.sleep(window)
     memory.accessed_pages_and_clear()  # the first is coarse (superpages), and splits them
     time.sleep(window)
-    hot = set(memory.accessed_pages_and_clear())
-    time.sleep(window)
-    hot |= set(memory.accessed_pages_and_clear())  # two intervals: what the guest uses now, conservatively
-    before = memory.pager.stats.evicted
-    memory.page_out(g for g in range(memory.guest_pages()) if g not in hot)
-    return memory.pager.stats.evicted - before, sorted(hot)
+    return memory.page_out_cold(window, intervals=2)  # two intervals: what the guest uses now, conservatively
 
 
 def test_ring_is_refused_a_second_time_while_enabled(guest):

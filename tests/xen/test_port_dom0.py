@@ -48,6 +48,16 @@ def test_unknown_domain_is_clear(hv):
         hv.lookup("no-such-guest")
 
 
+def test_domain_record_is_exactly_the_asked_domain(hv):
+    """The record of the domain asked for, or None for a domain that does not exist (domain_getinfo(d, 1) would
+    answer with the next domain up, or nothing)."""
+    from xenswap.hv.xen import domain_record
+
+    assert domain_record(0)["domid"] == 0
+    unused = max(d.domid for d in hv.list_domains()) + 1000
+    assert domain_record(unused) is None
+
+
 def test_refuses_to_pause_dom0(hv):
     with pytest.raises(XenswapError, match="Domain-0"):
         hv.pause("Domain-0")

@@ -73,6 +73,13 @@ def load_xc() -> ModuleType:
         ) from None
 
 
+def domain_record(domid: int, xc: object | None = None) -> dict | None:
+    """xc's domain_getinfo record of exactly this domain, or None when there is none (domain_getinfo(d, 1) answers
+    with the next domain up when d does not exist)."""
+    info = (xc or load_xc().xc()).domain_getinfo(domid, 1)
+    return info[0] if info and int(info[0]["domid"]) == domid else None
+
+
 def open_hypervisor():  # -> XenHypervisor (imported lazily: the port needs a running Xen)
     from xenswap.hv.xen.port import XenHypervisor
 

@@ -21,11 +21,13 @@ from __future__ import annotations
 
 import errno
 import threading
+import time
 from collections.abc import Iterable
 
 from xenswap.core.mechanism import PAGE_SIZE
 from xenswap.core.page_store import PageStore
-from xenswap.hv.xen import bindings, load_xc
+from xenswap.errors import XenswapError
+from xenswap.hv.xen import bindings, domain_record
 from xenswap.hv.xen.pager import DomainPager, default_store_path
 
 # PVH/HVM guests have MMIO and firmware holes from 3 GiB up to 4 GiB: RAM frames above that are remapped
@@ -42,7 +44,9 @@ class XenMemory:
         self.domid = domid
         self.pager = pager
         self.ctrl = pager.ctrl
-        info = load_xc().xc().domain_getinfo(domid, 1)[0]
+        info = domain_record(domid)
+        if info is None:
+            raise XenswapError(f"no domain {domid}")
         self.uuid_handle = list(info["handle"])
         self._recent: set[int] = set()  # accessed in the last harvest interval
         self._pages = min(int(info["maxmem_kb"]) // (PAGE_SIZE // 1024), LOW_RAM_LIMIT_PAGES,
@@ -50,9 +54,8 @@ class XenMemory:
 
     def alive(self) -> bool:
         """False once the domain is gone (or its id was reused by another domain)."""
-        info = load_xc().xc().domain_getinfo(self.domid, 1)
-        return bool(info) and info[0]["domid"] == self.domid and list(info[0]["handle"]) == self.uuid_handle \
-            and not info[0].get("dying")
+        info = domain_record(self.domid)
+        return info is not None and list(info["handle"]) == self.uuid_handle and not info.get("dying")
 
     def guest_pages(self) -> int:
         return self._pages
@@ -77,6 +80,19 @@ class XenMemory:
         wanted = list(wanted)
         self.pager.page_out(g for g in wanted if g not in self._recent)
         return len(wanted)
+
+    def page_out_cold(self, window: float, intervals: int = 1) -> tuple[int, list[int]]:
+        """Measure the working set over ``intervals`` harvest windows of ``window`` seconds and page out every
+        other frame; returns (frames evicted, the working set). The clearing harvest that starts the measurement
+        also splits a fresh guest's superpages, so the windows after it are exact."""
+        self.accessed_pages_and_clear()
+        hot: set[int] = set()
+        for _ in range(intervals):
+            time.sleep(window)
+            hot |= set(self.accessed_pages_and_clear())
+        before = self.pager.stats.evicted
+        self.page_out(g for g in range(self._pages) if g not in hot)
+        return self.pager.stats.evicted - before, sorted(hot)
 
     def prefetch(self, gfns: Iterable[int]) -> int:
         wanted = list(gfns)

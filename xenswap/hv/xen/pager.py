@@ -38,7 +38,7 @@ from pathlib import Path
 from xenswap.config import state_dir
 from xenswap.core.page_store import PageStore
 from xenswap.errors import XenswapError
-from xenswap.hv.xen import bindings, load_xc
+from xenswap.hv.xen import bindings, domain_record, load_xc
 
 MAP_BATCH = 256  # frames per foreign mapping while paging out
 # Frames per page-in batch: one store query and one load_batch hypercall (its data is 1 MiB of locked dom0 memory).
@@ -62,16 +62,19 @@ def default_store_path() -> Path:
 
 def domain_uuid(domid: int) -> str:
     """The domain's UUID: the page store's key (domids are reused, UUIDs are not)."""
-    info = load_xc().xc().domain_getinfo(domid, 1)
-    if not info or info[0]["domid"] != domid:
+    info = domain_record(domid)
+    if info is None:
         raise XenswapError(f"no domain {domid}")
-    handle = info[0]["handle"]
+    handle = info["handle"]
     hexed = "".join(f"{b:02x}" for b in handle)
     return f"{hexed[:8]}-{hexed[8:12]}-{hexed[12:16]}-{hexed[16:20]}-{hexed[20:]}"
 
 
 def domain_vcpus(domid: int) -> int:
-    return int(load_xc().xc().domain_getinfo(domid, 1)[0]["max_vcpu_id"]) + 1
+    info = domain_record(domid)
+    if info is None:
+        raise XenswapError(f"no domain {domid}")
+    return int(info["max_vcpu_id"]) + 1
 
 
 @dataclass
@@ -207,13 +210,10 @@ class DomainPager:
                 self._serve_error("serving the ring", error)
 
     def _serve_error(self, doing: str, error: Exception) -> None:
-        try:
-            info = self._xc.domain_getinfo(self.domid, 1)
-        except Exception:  # cannot tell: report the error and go on
-            info = [{"domid": self.domid}]
-        if not info or info[0]["domid"] != self.domid:
-            self._stop.set()  # the domain is gone, and its ring with it
-            return
+        with contextlib.suppress(Exception):  # if the lookup fails too, report the error and go on
+            if domain_record(self.domid, self._xc) is None:
+                self._stop.set()  # the domain is gone, and its ring with it
+                return
         self.stats.serve_errors += 1
         print(f"xenswap pager {self.domid}: {doing}: {error!r}", file=sys.stderr, flush=True)
         self._stop.wait(0.1)  # an error that repeats must not spin
@@ -462,12 +462,10 @@ def main(argv: list[str] | None = None) -> int:
         n = pager.page_out(gfns)
         print(f"pager: evicted {n} frames in {time.monotonic() - started:.2f} s", flush=True)
     if args.page_out_cold is not None:
-        memory.accessed_pages_and_clear()
-        time.sleep(args.page_out_cold)
-        hot = set(memory.accessed_pages_and_clear())
         started = time.monotonic()
-        n = pager.page_out(g for g in range(memory.guest_pages()) if g not in hot)
-        print(f"pager: evicted {n} cold frames in {time.monotonic() - started:.2f} s ({len(hot)} hot)", flush=True)
+        n, hot = memory.page_out_cold(args.page_out_cold)
+        took = time.monotonic() - started - args.page_out_cold
+        print(f"pager: evicted {n} cold frames in {took:.2f} s ({len(hot)} hot)", flush=True)
     print(f"pager: serving; {len(pager.out)} frames out", flush=True)
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())

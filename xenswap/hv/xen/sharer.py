@@ -235,12 +235,12 @@ class SharingRegistry:
 
 
 def _domain_uuid(domid: int) -> str | None:
-    from xenswap.hv.xen import load_xc
+    from xenswap.hv.xen import domain_record
 
-    info = load_xc().xc().domain_getinfo(domid, 1)
-    if not info or int(info[0]["domid"]) != domid or info[0].get("dying"):
+    info = domain_record(domid)
+    if info is None or info.get("dying"):
         return None
-    return bytes(info[0]["handle"]).hex()
+    return bytes(info["handle"]).hex()
 
 
 class XenSharer:
@@ -296,13 +296,12 @@ class XenSharer:
 
     @staticmethod
     def _maxmem_pages(domid: int) -> int:
-        from xenswap.hv.xen import load_xc
+        from xenswap.hv.xen import domain_record
 
-        xc = load_xc()
-        info = xc.xc().domain_getinfo(domid, 1)
-        if not info or int(info[0]["domid"]) != domid:
+        info = domain_record(domid)
+        if info is None:
             raise XenswapError(f"no domain {domid}")
-        return int(info[0]["maxmem_kb"]) * 1024 // PAGE
+        return int(info["maxmem_kb"]) * 1024 // PAGE
 
     # ------------------------------------------------------------------ 1. hash
 
