@@ -74,6 +74,12 @@ def patched_xen() -> None:
                     "xl info does not say -xenswap")
 
 
+@pytest.fixture(scope="session")
+def guest_image() -> tuple[Path, Path]:
+    """The tiny guest's kernel and initrd as dom0 sees them, for tests that create their own guests."""
+    return guest_files()
+
+
 @pytest.fixture
 def hv():
     from xenswap.hv.xen import open_hypervisor

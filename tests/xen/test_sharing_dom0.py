@@ -15,12 +15,11 @@ import sys
 import time
 import tty
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 
 from xenswap.hv.xen import xl
-from xenswap.hv.xen.xenstore import XenStore
+from xenswap.hv.xen.automation import xl_shared_mib
 
 pytestmark = [pytest.mark.dom0, pytest.mark.usefixtures("patched_xen")]
 
@@ -31,15 +30,7 @@ class GuestConsole:
 
     def __init__(self, name: str):
         self.name = name
-        domid = int(subprocess.run(["xl", "domid", name], capture_output=True, text=True, check=True).stdout)
-        with XenStore() as store:
-            deadline = time.monotonic() + 30
-            path = None
-            while path is None and time.monotonic() < deadline:
-                path = store.read(f"/local/domain/{domid}/console/tty")
-                time.sleep(0.2)
-        assert path, f"no console pty for {name}"
-        self.fd = os.open(path, os.O_RDWR | os.O_NOCTTY | os.O_NONBLOCK)
+        self.fd = os.open(xl.console_tty(name), os.O_RDWR | os.O_NOCTTY | os.O_NONBLOCK)
         tty.setraw(self.fd)
         self.calls = 0
 
@@ -89,26 +80,8 @@ class GuestConsole:
         return found.group(1)
 
 
-def guest_files() -> tuple[str, str]:
-    """The tiny guest image as dom0 sees it (exported by the rig test, like tests/xen/conftest.py reads it)."""
-    kernel, initrd = os.environ.get("XENSWAP_GUEST_KERNEL"), os.environ.get("XENSWAP_GUEST_INITRD")
-    if not kernel or not initrd:
-        pytest.fail("XENSWAP_GUEST_KERNEL/XENSWAP_GUEST_INITRD not set: run these tests through the rig")
-    return kernel, initrd
-
-
 def _xl(*args: str) -> str:
     return subprocess.run(["xl", *args], capture_output=True, text=True, check=True).stdout
-
-
-def xl_shared_mib() -> dict[str, int]:
-    """``xl sharing``: per domain name, MiB of its memory that is shared (Xen's shr_pages, in MiB)."""
-    out = {}
-    for line in _xl("sharing").splitlines()[1:]:
-        fields = line.split()
-        if len(fields) >= 4:
-            out[fields[0]] = int(fields[3])
-    return out
 
 
 def xl_info() -> dict[str, str]:
@@ -117,11 +90,11 @@ def xl_info() -> dict[str, str]:
 
 
 @pytest.fixture(scope="module")
-def twins() -> Iterator[list[tuple[xl.GuestSpec, GuestConsole]]]:
+def twins(guest_image) -> Iterator[list[tuple[xl.GuestSpec, GuestConsole]]]:
     """Two 128 MiB PVH guests booted from the same image, with their consoles."""
-    kernel, initrd = guest_files()
+    kernel, initrd = guest_image
     tag = secrets.token_hex(2)
-    specs = [xl.GuestSpec(name=f"share{i}-{tag}", kernel=Path(kernel), initrd=Path(initrd), kind="pvh", memory_mib=128)
+    specs = [xl.GuestSpec(name=f"share{i}-{tag}", kernel=kernel, initrd=initrd, kind="pvh", memory_mib=128)
              for i in (1, 2)]
     consoles: list[GuestConsole] = []
     try:
@@ -138,21 +111,17 @@ def twins() -> Iterator[list[tuple[xl.GuestSpec, GuestConsole]]]:
             xl.destroy(spec.name)
 
 
-def domid(name: str) -> int:
-    return int(_xl("domid", name))
-
-
-def test_pv_guest_is_refused_with_the_reason():
+def test_pv_guest_is_refused_with_the_reason(guest_image):
     """Xen 4.17 shares pages of HVM/PVH guests only: a PV guest gets EOPNOTSUPP, explained."""
     from xenswap.hv.xen.sharer import SharingRefused, XenSharer
 
-    kernel, initrd = guest_files()
-    spec = xl.GuestSpec(name=f"sharepv-{secrets.token_hex(2)}", kernel=Path(kernel), initrd=Path(initrd), kind="pv",
+    kernel, initrd = guest_image
+    spec = xl.GuestSpec(name=f"sharepv-{secrets.token_hex(2)}", kernel=kernel, initrd=initrd, kind="pv",
                         memory_mib=128)
     xl.create(spec)
     try:
         with XenSharer() as sharer, pytest.raises(SharingRefused, match=r"not HVM/PVH.*\(EOPNOTSUPP\)"):
-            sharer.enable(domid(spec.name))
+            sharer.enable(xl.domid(spec.name))
     finally:
         xl.destroy(spec.name)
 
@@ -167,10 +136,11 @@ def test_twins_share_keep_running_and_diverge_on_write(twins):
     before = {g.name: (g.md5("/tmp/same"), g.md5("/tmp/private")) for g in (guest_a, guest_b)}
     assert before[guest_a.name][0] == before[guest_b.name][0]
     assert before[guest_a.name][1] != before[guest_b.name][1]
+    ids = {spec.name: xl.domid(spec.name) for spec in (spec_a, spec_b)}
     shared_before = xl_shared_mib()
 
     with XenSharer() as sharer:
-        report = sharer.share([domid(spec_a.name), domid(spec_b.name)])
+        report = sharer.share([xl.domid(spec_a.name), xl.domid(spec_b.name)])
     print("\nsharing report:", json.dumps(report.to_json(), sort_keys=True))
     predicted = report.predicted
     assert predicted is not None and predicted.cross_shareable > 500  # kernel, initramfs, /tmp/same at least
@@ -181,7 +151,7 @@ def test_twins_share_keep_running_and_diverge_on_write(twins):
     assert report.nominated >= report.shared
     shared_after = xl_shared_mib()
     for spec in (spec_a, spec_b):
-        assert shared_after[spec.name] > shared_before.get(spec.name, 0) + 2, shared_after
+        assert shared_after[ids[spec.name]] > shared_before.get(ids[spec.name], 0) + 2, shared_after
     assert int(xl_info()["sharing_freed_memory"]) > 0
 
     # Both keep running and see exactly what they wrote before.
