@@ -35,7 +35,6 @@ QUERY_BATCH = 500
 MMAP_BYTES = 1 << 30
 
 
-
 def _batches(gfns: Iterable[int]) -> Iterator[list[int]]:
     """The distinct gfns, QUERY_BATCH at a time (one ``IN (...)`` statement each)."""
     wanted = list(dict.fromkeys(int(g) for g in gfns))
