@@ -75,8 +75,12 @@ def load_xc() -> ModuleType:
 
 def domain_record(domid: int, xc: object | None = None) -> dict | None:
     """xc's domain_getinfo record of exactly this domain, or None when there is none (domain_getinfo(d, 1) answers
-    with the next domain up when d does not exist)."""
-    info = (xc or load_xc().xc()).domain_getinfo(domid, 1)
+    with the next domain up when d does not exist, and fails with ESRCH when there is none above it)."""
+    module = load_xc()
+    try:
+        info = (xc or module.xc()).domain_getinfo(domid, 1)
+    except module.Error:  # ESRCH: no domain at or above domid
+        return None
     return info[0] if info and int(info[0]["domid"]) == domid else None
 
 
