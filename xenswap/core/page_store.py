@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from xenswap.errors import XenswapError
+from xenswap.sqlite_tx import rollback
 
 PAGE_SIZE = 4096
 # gfns per SELECT in get_pages (SQLite builds before 3.32 allow at most 999 bound parameters)
@@ -149,7 +150,7 @@ class PageStore:
                                (domain, gfn, digest))
                 db.execute("COMMIT")
             except BaseException:
-                db.execute("ROLLBACK")
+                rollback(db)
                 raise
         return len(prepared)
 
@@ -183,7 +184,7 @@ class PageStore:
                     removed += len(rows)
                 db.execute("COMMIT")
             except BaseException:
-                db.execute("ROLLBACK")
+                rollback(db)
                 raise
         return removed
 

@@ -40,6 +40,7 @@ from pathlib import Path
 
 from xenswap.config import state_dir
 from xenswap.errors import XenswapError
+from xenswap.sqlite_tx import rollback
 from xenswap.storage.blockmap import (
     CLUSTER_BLOCKS,
     CLUSTER_MASK,
@@ -230,7 +231,7 @@ class Store:
                 db.execute("INSERT OR IGNORE INTO layer_files (layer, file) VALUES (?, ?)", (job.layer, job.layer))
                 db.execute("COMMIT")
             except BaseException:
-                db.execute("ROLLBACK")
+                rollback(db)
                 raise
         except BaseException as exc:
             # Like a database after a failed fsync: nothing after this point can be promised durable.
@@ -331,7 +332,7 @@ class Store:
             )
             self.db.execute("COMMIT")
         except BaseException:
-            self.db.execute("ROLLBACK")
+            rollback(self.db)
             raise
         return self.get(name)
 
@@ -415,7 +416,7 @@ class Store:
             self._gc()
             self.db.execute("COMMIT")
         except BaseException:
-            self.db.execute("ROLLBACK")
+            rollback(self.db)
             raise
         self._unlink_dead_files()
         return frozen
@@ -499,7 +500,7 @@ class Store:
                 os.replace(part, self.data_path(layer))
                 self.db.execute("COMMIT")
             except BaseException:
-                self.db.execute("ROLLBACK")
+                rollback(self.db)
                 part.unlink(missing_ok=True)
                 raise
             self._unlink_dead_files()
@@ -526,7 +527,7 @@ class Store:
                 self._gc()
                 self.db.execute("COMMIT")
             except BaseException:
-                self.db.execute("ROLLBACK")
+                rollback(self.db)
                 raise
         finally:
             if lock is not None:

@@ -34,6 +34,8 @@ cdef extern from "<xenctrl.h>" nogil:
     long xc_sharing_used_frames(xc_interface *xch)
 
     int xc_domain_maximum_gpfn(xc_interface *xch, uint32_t domid, xen_pfn_t *gpfns)
+    int xc_domain_pause(xc_interface *xch, uint32_t domid)
+    int xc_domain_unpause(xc_interface *xch, uint32_t domid)
     int xc_hvm_param_get(xc_interface *xch, uint32_t domid, uint32_t param, uint64_t *value)
 
     int HVM_PARAM_PAGING_RING_PFN
@@ -260,7 +262,19 @@ cdef extern from *:
 
     static void xs_ring_init(vm_event_back_ring_t *back, void *page)
     {
-        /* Xen SHARED_RING_INITs the page on enable; we only attach the back end. */
+        /*
+         * The helper initialises the shared ring, not Xen: vm_event_enable()
+         * only sets up its private front end (req_prod_pvt = rsp_cons = 0),
+         * exactly as xenpaging and xen-access do SHARED_RING_INIT themselves.
+         * A ring enabled for the second time in a domain is a recycled page
+         * whose req_prod/rsp_prod still hold the last ring's indices (or any
+         * old data): without this the pager read stale slots as requests and
+         * Xen read stale slots as responses (seen in the rig: 70,000 to
+         * 1.5 million "faults" on frames that were resident, a guest that
+         * stopped answering).  The caller keeps the domain paused from the
+         * enable until here, so no request is put before the indices are 0.
+         */
+        SHARED_RING_INIT((vm_event_sring_t *)page);
         BACK_RING_INIT(back, (vm_event_sring_t *)page, XC_PAGE_SIZE);
     }
 

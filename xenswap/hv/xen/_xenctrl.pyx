@@ -170,13 +170,25 @@ cdef class XenCtrl:
     def vm_event_enable(self, uint32_t domid, int param=HVM_PARAM_PAGING_RING_PFN):
         """Map (populating it if needed) and enable a vm_event ring: PAGING_RING or SHARING_RING.
 
-        Returns a VmEventRing; bind its ``port`` with EventChannel.bind_interdomain(domid, port)."""
+        Returns a VmEventRing; bind its ``port`` with EventChannel.bind_interdomain(domid, port).
+
+        The domain stays paused from before the enable until the shared ring is initialised (xs_ring_init): a
+        request Xen put in between would be lost when the indices are reset."""
         cdef uint32_t port = 0
-        cdef void *page = xc_vm_event_enable(self._handle(), domid, param, &port)
-        if page == NULL:
-            raise_errno("xc_vm_event_enable")
-        ring = VmEventRing.__new__(VmEventRing)
-        (<VmEventRing>ring)._attach(page, domid, port)
+        cdef void *page = NULL
+        cdef int saved_errno = 0
+        cdef xc_interface *xch = self._handle()
+        if xc_domain_pause(xch, domid) < 0:
+            raise_errno("xc_domain_pause")
+        try:
+            page = xc_vm_event_enable(xch, domid, param, &port)
+            saved_errno = errno  # before the unpause can change it
+            if page == NULL:
+                raise_errno("xc_vm_event_enable", saved_errno)
+            ring = VmEventRing.__new__(VmEventRing)
+            (<VmEventRing>ring)._attach(page, domid, port)
+        finally:
+            xc_domain_unpause(xch, domid)
         return ring
 
     # ------------------------------------------------------------------ mem_sharing
