@@ -177,7 +177,7 @@ def report(figures: dict) -> str:
         f"  resident (anchor)            {med['resident']:8.2f} s",
         f"  paged + prefetch hook        {med['prefetch']:8.2f} s  ({mid['prefetch_faults']:.0f} faults, "
         f"console WS {figures['console_ws_pages']} frames, {figures['prefetched_frames']} prefetched in "
-        f"{sum(figures.get('prefetch_load_s', [0])):.2f} s, "
+        f"{sum(figures.get('prefetch_load_s', [0])):.2f} s over all {figures['reps']} reps, "
         f"{'batched' if figures.get('batched_load') else 'frame by frame'})",
         f"  paged, demand paging         {med['demand']:8.2f} s  ({mid['demand_faults']:.0f} faults)",
         f"  xl save + xl restore         {med['xl_restore']:8.2f} s  (restore {mid['restore_only_s']:.2f} s, "
