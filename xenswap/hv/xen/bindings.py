@@ -70,8 +70,9 @@ def harvest_working_set(ctrl, domid: int, first_gfn: int = 0, nr_gfns: int | Non
 class VmEventChannel:
     """The dom0 end of a guest's vm_event ring: the mapped ring plus its bound event channel.
 
-    ``open(ctrl, domid)`` enables the paging ring (xc_vm_event_enable maps and, if needed, populates its page),
-    binds the ring's port, and unmasks it. ``wait(timeout)`` returns the requests on the ring (an empty list on
+    ``open(ctrl, domid)`` enables the paging ring (xc_vm_event_enable maps and, if needed, populates its page;
+    the binding then initialises the shared ring, which Xen leaves to the helper), binds the ring's port, and
+    unmasks it. ``wait(timeout)`` returns the requests on the ring (an empty list on
     timeout); ``answer(responses)`` puts responses on the ring and notifies Xen. ``close()`` disables the ring."""
 
     def __init__(self, ctrl, domid: int, ring, events, local_port: int, disable) -> None:
