@@ -117,22 +117,37 @@ def test_get_pages_refuses_a_corrupted_page_in_a_batch(tmp_path):
             store.get_pages("d", [3, 4])
 
 
-def test_a_full_disk_fails_the_write_with_its_own_error_and_loses_nothing_acknowledged(tmp_path):
+@pytest.fixture
+def small_tmpfs(tmp_path):
+    """A real 512 KiB tmpfs: a disk that fills up after a few dozen pages."""
+    if os.geteuid() != 0:
+        pytest.skip("mounting a tmpfs needs root")
+    mount = tmp_path / "small"
+    mount.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=512k", "tmpfs", str(mount)], check=True)
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+def test_a_full_disk_fails_the_write_with_its_own_error_and_loses_nothing_acknowledged(small_tmpfs):
     """SQLite rolls a transaction back by itself on SQLITE_FULL; the store's own ROLLBACK then used to fail and
     replace "database or disk is full" with "cannot rollback - no transaction is active" (seen in the Xen rig's
-    dom0 with /tmp full). The database's page limit stands in for the full disk here."""
-    with PageStore(tmp_path / "pages.db") as store:
-        store.put_pages("d", {g: page(g) for g in range(8)})
-        used = store._db.execute("PRAGMA page_count").fetchone()[0]
-        store._db.execute(f"PRAGMA max_page_count={used + 4}")  # room for a few database pages, not for 64 more
-        with pytest.raises(sqlite3.OperationalError, match="full"):
-            store.put_pages("d", {g: page(g) for g in range(8, 72)})
-        assert store.gfns("d") == list(range(8))  # the failed batch left nothing behind
-        assert store.get_pages("d", range(8)) == {g: page(g) for g in range(8)}
+    dom0 with /tmp full; reproduced on this tmpfs)."""
+    with PageStore(small_tmpfs / "pages.db") as store:
+        acknowledged = 0
+        with pytest.raises(sqlite3.OperationalError, match="database or disk is full"):
+            while True:
+                store.put_pages("d", {g: page(g) for g in range(acknowledged, acknowledged + 8)})
+                acknowledged += 8
+        assert acknowledged > 0
+        assert store.gfns("d") == list(range(acknowledged))  # the failed batch left nothing behind
+        assert store.get_pages("d", range(acknowledged)) == {g: page(g) for g in range(acknowledged)}
         assert store.check() == []
-        store._db.execute("PRAGMA max_page_count=1073741823")
-        store.put_pages("d", {8: page(8)})  # and the store takes writes again once there is room
-        assert store.get_page("d", 8) == page(8)
+        subprocess.run(["mount", "-o", "remount,size=4m", str(small_tmpfs)], check=True)
+        store.put_pages("d", {acknowledged: page(acknowledged)})  # and it takes writes again once there is room
+        assert store.get_page("d", acknowledged) == page(acknowledged)
 
 
 @settings(max_examples=40, deadline=None)
