@@ -84,6 +84,14 @@ def domain_record(domid: int, xc: object | None = None) -> dict | None:
     return info[0] if info and int(info[0]["domid"]) == domid else None
 
 
+def existing_domain_record(domid: int, xc: object | None = None) -> dict:
+    """``domain_record`` of a domain that must exist: XenswapError("no domain N") otherwise."""
+    info = domain_record(domid, xc)
+    if info is None:
+        raise XenswapError(f"no domain {domid}")
+    return info
+
+
 def open_hypervisor():  # -> XenHypervisor (imported lazily: the port needs a running Xen)
     from xenswap.hv.xen.port import XenHypervisor
 

@@ -26,8 +26,7 @@ from collections.abc import Iterable
 
 from xenswap.core.mechanism import PAGE_SIZE
 from xenswap.core.page_store import PageStore
-from xenswap.errors import XenswapError
-from xenswap.hv.xen import bindings, domain_record
+from xenswap.hv.xen import bindings, domain_record, existing_domain_record
 from xenswap.hv.xen.pager import DomainPager, default_store_path
 
 # PVH/HVM guests have MMIO and firmware holes from 3 GiB up to 4 GiB: RAM frames above that are remapped
@@ -44,9 +43,7 @@ class XenMemory:
         self.domid = domid
         self.pager = pager
         self.ctrl = pager.ctrl
-        info = domain_record(domid)
-        if info is None:
-            raise XenswapError(f"no domain {domid}")
+        info = existing_domain_record(domid)
         self.uuid_handle = list(info["handle"])
         self._recent: set[int] = set()  # accessed in the last harvest interval
         self._pages = min(int(info["maxmem_kb"]) // (PAGE_SIZE // 1024), LOW_RAM_LIMIT_PAGES,

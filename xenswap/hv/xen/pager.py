@@ -38,8 +38,7 @@ from pathlib import Path
 
 from xenswap.config import state_dir
 from xenswap.core.page_store import PageStore
-from xenswap.errors import XenswapError
-from xenswap.hv.xen import bindings, domain_record, load_xc
+from xenswap.hv.xen import bindings, domain_record, existing_domain_record, load_xc
 
 MAP_BATCH = 256  # frames per foreign mapping while paging out
 # Frames per page-in batch: one store query and one load_batch hypercall (its data is 1 MiB of locked dom0 memory).
@@ -63,19 +62,13 @@ def default_store_path() -> Path:
 
 def domain_uuid(domid: int) -> str:
     """The domain's UUID: the page store's key (domids are reused, UUIDs are not)."""
-    info = domain_record(domid)
-    if info is None:
-        raise XenswapError(f"no domain {domid}")
-    handle = info["handle"]
+    handle = existing_domain_record(domid)["handle"]
     hexed = "".join(f"{b:02x}" for b in handle)
     return f"{hexed[:8]}-{hexed[8:12]}-{hexed[12:16]}-{hexed[16:20]}-{hexed[20:]}"
 
 
 def domain_vcpus(domid: int) -> int:
-    info = domain_record(domid)
-    if info is None:
-        raise XenswapError(f"no domain {domid}")
-    return int(info["max_vcpu_id"]) + 1
+    return int(existing_domain_record(domid)["max_vcpu_id"]) + 1
 
 
 @dataclass
@@ -186,13 +179,14 @@ class DomainPager:
         Why: a request put after the ring thread's last look (a vCPU that faulted on a frame the page-in was
         loading at that moment) would go with the ring, and its vCPU would stay paused for good: Xen's
         vm_event_disable unblocks only the vCPUs waiting for a free slot, not those paused on a request. Paused,
-        no vCPU can put a new one in between. A held event among them is answered without its hook: nothing is
-        left to prefetch (or the ring would be kept), and the disable delivers it anyway."""
+        no vCPU can put a new one in between. A held event among them is answered without its hook (the event
+        thread has stopped): nothing is left to prefetch (or the ring would be kept), and the disable delivers it
+        anyway."""
         self._xc.domain_pause(self.domid)
         try:
             left = self.channel.ring.get_requests()
             if left:
-                self.handle(left, run_hooks=False)
+                self.handle(left)  # the event thread is gone: held events are answered at once
             with contextlib.suppress(OSError):
                 self.channel.close()
         finally:
@@ -234,7 +228,7 @@ class DomainPager:
         print(f"xenswap pager {self.domid}: {doing}: {error!r}", file=sys.stderr, flush=True)
         self._stop.wait(0.1)  # an error that repeats must not spin
 
-    def handle(self, requests: list, run_hooks: bool = True) -> None:
+    def handle(self, requests: list) -> None:
         """Serve ring requests: page-in faults from the store, answered at once; held events go to the event
         thread, which runs the hook (the prefetch) and then answers them.
 
@@ -263,7 +257,7 @@ class DomainPager:
         for request in requests:
             if request.reason == self.xc.REASON_XENSWAP_EVTCHN:
                 self.stats.held_events += 1
-                if run_hooks and self.on_event is not None and self._event_thread is not None:
+                if self.on_event is not None and self._event_thread is not None:
                     self._held.put(request)
                     continue
             if request.reason != self.xc.REASON_MEM_PAGING:

@@ -296,12 +296,9 @@ class XenSharer:
 
     @staticmethod
     def _maxmem_pages(domid: int) -> int:
-        from xenswap.hv.xen import domain_record
+        from xenswap.hv.xen import existing_domain_record
 
-        info = domain_record(domid)
-        if info is None:
-            raise XenswapError(f"no domain {domid}")
-        return int(info["maxmem_kb"]) * 1024 // PAGE
+        return int(existing_domain_record(domid)["maxmem_kb"]) * 1024 // PAGE
 
     # ------------------------------------------------------------------ 1. hash
 
