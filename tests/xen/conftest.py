@@ -134,12 +134,13 @@ def _triple_faulted(name: str) -> bool:
 
 @pytest.fixture(scope="module")
 def pv_guest() -> Iterator[xl.GuestSpec]:
-    """A 128 MiB PV guest from the tiny image, created once per module and destroyed at its end."""
+    """A 128 MiB PV guest from the tiny image, booted (its boot marker seen) once per module, destroyed at its end."""
     yield from _guest("pv")
 
 
 @pytest.fixture(scope="module")
 def pvh_guest() -> Iterator[xl.GuestSpec]:
+    """The same as a PVH guest."""
     yield from _guest("pvh")
 
 

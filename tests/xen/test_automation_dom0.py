@@ -41,10 +41,7 @@ def seq(scratch: str, key: str) -> int:
 
 @pytest.fixture(scope="module")
 def guest(pvh_guest):
-    xl.wait_for_console(pvh_guest.name, xl.GUEST_UP_MARKER, timeout=300)
-    domid = int(subprocess.run(["xl", "domid", pvh_guest.name], capture_output=True, text=True,
-                               check=True).stdout)
-    return pvh_guest.name, domid
+    return pvh_guest.name, xl.domid(pvh_guest.name)
 
 
 def test_bad_requests_get_one_error_each_and_the_loop_goes_on(scratch, guest):

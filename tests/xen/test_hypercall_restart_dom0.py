@@ -33,7 +33,6 @@ def test_hypercall_with_a_paged_out_argument_is_restarted_not_failed(pvh_guest, 
     from xenswap.hv.xen.memory import XenMemory
     from xenswap.hv.xen.pager import DomainPager
 
-    xl.wait_for_console(pvh_guest.name, xl.GUEST_UP_MARKER, timeout=180)
     domid = xl.domid(pvh_guest.name)
     # the hypercall works while its argument is resident (the probe and the guest's privcmd are fine)
     resident = xl.console_command(pvh_guest.name, "xenswap-hcall-probe 0")

@@ -23,7 +23,6 @@ def test_close_answers_a_request_its_ring_thread_never_saw(pvh_guest, tmp_path):
     from xenswap.hv.xen.memory import XenMemory
     from xenswap.hv.xen.pager import DomainPager
 
-    xl.wait_for_console(pvh_guest.name, xl.GUEST_UP_MARKER, timeout=180)
     xl.console_command(pvh_guest.name, "dd if=/dev/urandom of=/tmp/blob bs=64k count=4 2>/dev/null; echo ok")
     expected = xl.console_command(pvh_guest.name, "md5sum /tmp/blob")[0].split()[0]
     domid = xl.domid(pvh_guest.name)

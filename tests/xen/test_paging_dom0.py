@@ -50,7 +50,6 @@ def heartbeats(name: str) -> list[int]:
 @pytest.fixture(scope="module")
 def guest(pvh_guest):
     """The module's PVH guest, with a random tmpfs file (its md5sum) and a heartbeat on its console."""
-    xl.wait_for_console(pvh_guest.name, xl.GUEST_UP_MARKER, timeout=180)
     xl.console_command(pvh_guest.name, f"dd if=/dev/urandom of=/tmp/blob bs=1M count={BLOB_MIB} 2>/dev/null; echo ok")
     expected = md5_of_blob(pvh_guest.name)
     # A heartbeat every second: "HB <n>" (n counts up; the log shows the guest ran while it was paged).

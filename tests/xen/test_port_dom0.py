@@ -64,7 +64,6 @@ def test_refuses_to_pause_dom0(hv):
 
 
 def test_pv_guest_boots_and_is_listed(hv, pv_guest):
-    xl.wait_for_console(pv_guest.name, xl.GUEST_UP_MARKER, timeout=120)
     dom = hv.lookup(pv_guest.name)
     assert dom.domid > 0
     assert 120 <= dom.mem_mib <= 128
@@ -81,7 +80,6 @@ def test_pv_guest_boots_and_is_listed(hv, pv_guest):
 
 
 def test_pause_unpause_and_vcpu_time(hv, pv_guest):
-    xl.wait_for_console(pv_guest.name, xl.GUEST_UP_MARKER, timeout=120)
     hv.pause(pv_guest.name)
     try:
         assert hv.lookup(pv_guest.name).state[2] == "p"
@@ -113,7 +111,7 @@ def test_destroy_removes_domain(hv, pv_guest):
 
 
 def test_pvh_guest_boots(hv, pvh_guest):
+    # the fixture has waited for the guest's boot marker
     dom = hv.lookup(pvh_guest.name)
     assert dom.extra["hvm"] is True  # a PVH guest is an HVM container to Xen
-    xl.wait_for_console(pvh_guest.name, xl.GUEST_UP_MARKER, timeout=150)
     assert hv.lookup(pvh_guest.name).state[4] == "-"  # not crashed

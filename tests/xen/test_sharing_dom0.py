@@ -140,7 +140,7 @@ def test_twins_share_keep_running_and_diverge_on_write(twins):
     shared_before = xl_shared_mib()
 
     with XenSharer() as sharer:
-        report = sharer.share([xl.domid(spec_a.name), xl.domid(spec_b.name)])
+        report = sharer.share([ids[spec_a.name], ids[spec_b.name]])
     print("\nsharing report:", json.dumps(report.to_json(), sort_keys=True))
     predicted = report.predicted
     assert predicted is not None and predicted.cross_shareable > 500  # kernel, initramfs, /tmp/same at least
