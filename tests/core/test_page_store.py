@@ -17,7 +17,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from xenswap.core.page_store import PAGE_SIZE, PageStore, PageStoreCorrupt, PageStoreError
+from xenswap.core.page_store import PAGE_SIZE, PageStore, PageStoreCorrupt, PageStoreError, StoreStats, page_digest
 
 
 def page(seed: int) -> bytes:
@@ -74,6 +74,32 @@ def test_a_corrupted_page_is_never_returned(tmp_path):
         with pytest.raises(PageStoreCorrupt, match="d:0x3"):
             store.get_page("d", 3)
         assert any("does not match its digest" in p for p in store.check())
+
+
+def test_a_store_with_the_old_without_rowid_blobs_is_converted_and_loses_nothing(tmp_path):
+    """Stores made before blobs became a rowid table (page_store docstring) open, are converted once, and every
+    page and reference count is what it was."""
+    path = tmp_path / "pages.db"
+    with sqlite3.connect(path) as db:  # the old layout, written as the earlier PageStore did
+        db.executescript("""
+            CREATE TABLE blobs (digest BLOB PRIMARY KEY, data BLOB NOT NULL, refs INTEGER NOT NULL) WITHOUT ROWID;
+            CREATE TABLE pages (domain TEXT NOT NULL, gfn INTEGER NOT NULL, digest BLOB NOT NULL,
+                                PRIMARY KEY (domain, gfn)) WITHOUT ROWID;""")
+        contents = {g: page(g % 5) for g in range(40)}
+        for seed in range(5):
+            db.execute("INSERT INTO blobs VALUES (?, ?, 8)", (page_digest(page(seed)), page(seed)))
+        db.executemany("INSERT INTO pages VALUES ('d', ?, ?)", [(g, page_digest(c)) for g, c in contents.items()])
+    with PageStore(path) as store:
+        assert store.get_pages("d", range(40)) == contents
+        assert store.stats() == StoreStats(40, 5, 5 * PAGE_SIZE)
+        assert store.check() == []
+        store.put_pages("d", {40: page(1), 41: page(77)})  # the new table deduplicates against the old rows
+        assert store.stats().blobs == 6 and store.check() == []
+    with sqlite3.connect(path) as db:
+        tables = dict(db.execute("SELECT name, sql FROM sqlite_master WHERE type='table'").fetchall())
+    assert set(tables) == {"blobs", "pages"} and "WITHOUT ROWID" not in tables["blobs"].upper()
+    with PageStore(path) as store:  # opening a converted store again changes nothing
+        assert store.get_pages("d", [0, 40, 41]) == {0: page(0), 40: page(1), 41: page(77)}
 
 
 def test_get_pages_reads_a_batch_in_one_query_and_leaves_out_what_is_not_stored(tmp_path):
