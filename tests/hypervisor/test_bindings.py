@@ -94,9 +94,11 @@ def test_paging_load_rejects_a_short_page_before_calling_xen():
 @pytest.mark.dom0
 def test_load_batch_checks_its_arguments_before_calling_xen():
     with bindings.open_xenctrl() as ctrl:
-        with pytest.raises(ValueError, match="2 gfns need 8192 bytes"):
-            ctrl.mem_paging_load_batch(0, [1, 2], b"x" * 4096)
-        assert ctrl.mem_paging_load_batch(0, [], b"") == []  # nothing to do: no hypercall
+        with pytest.raises(ValueError, match="2 gfns need 2 pages, got 1"):
+            ctrl.mem_paging_load_batch(0, [1, 2], [b"x" * 4096])
+        with pytest.raises(ValueError, match=r"page 1 \(gfn 0x2\) is 4095 bytes"):
+            ctrl.mem_paging_load_batch(0, [1, 2], [b"x" * 4096, b"x" * 4095])
+        assert ctrl.mem_paging_load_batch(0, [], []) == []  # nothing to do: no hypercall
 
 
 @pytest.mark.dom0
@@ -114,7 +116,7 @@ def test_calls_on_dom0_fail_with_xens_errno_and_the_function_name():
             ctrl.harvest_accessed(0, 0, 64)
         assert caught.value.filename == "XEN_DOMCTL_xenswap_op(harvest_accessed)"
         with pytest.raises(OSError) as caught:  # load_batch refuses the caller's own domain (patch 0004)
-            ctrl.mem_paging_load_batch(0, [0x100], bytes(4096))
+            ctrl.mem_paging_load_batch(0, [0x100], [bytes(4096)])
         assert caught.value.filename == "XEN_DOMCTL_xenswap_op(load_batch)" and caught.value.errno == errno.EINVAL
         assert ctrl.domain_maximum_gpfn(0) > 0
 

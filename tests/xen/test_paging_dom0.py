@@ -201,7 +201,7 @@ def test_batched_load_gives_back_identical_frames_and_enoent_per_frame(guest, st
                 with pager.fmem.map(domid, resident) as mapping:
                     resident_before = bytes(mapping)
                 gfns = [*chosen[:100], resident[0], *chosen[100:], resident[1]]
-                data = b"".join(stored[g] if g in stored else bytes(range(256)) * 16 for g in gfns)
+                data = [stored[g] if g in stored else bytes(range(256)) * 16 for g in gfns]
                 started = time.perf_counter()
                 statuses = pager.ctrl.mem_paging_load_batch(domid, gfns, data)
                 took = time.perf_counter() - started

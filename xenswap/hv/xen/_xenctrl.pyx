@@ -120,42 +120,53 @@ cdef class XenCtrl:
         if xc_mem_paging_load(self._handle(), domid, gfn, <void *>&page[0]) < 0:
             raise_errno("xc_mem_paging_load")
 
-    def mem_paging_load_batch(self, uint32_t domid, gfns, const unsigned char[::1] data):
-        """Page these gfns back in, gfns[i] with data[i * 4096:(i + 1) * 4096], in one hypercall per LOAD_BATCH_MAX
+    def mem_paging_load_batch(self, uint32_t domid, gfns, pages):
+        """Page these gfns back in, gfns[i] with pages[i] (4096 bytes each), in one hypercall per LOAD_BATCH_MAX
         frames (patch 0004; per frame exactly what mem_paging_load does).
 
         Returns one status per gfn: 0 = loaded, else its errno (ENOENT: not paged out, the stored copy is stale);
         one frame's failure does not stop the others. OSError when the call itself fails (ENOSYS/EOPNOTSUPP: the
         hypervisor has no load_batch; ENODEV: no paging ring); then frames of this call may or may not be loaded.
 
-        The data goes through a hypercall buffer (locked dom0 memory) allocated per call: measured in the nested
-        rig, allocating it costs no more than keeping one (and a pager per guest would keep ~1 MiB each)."""
+        One buffer per page, copied straight into the hypercall buffer (locked dom0 memory, allocated per call:
+        measured in the nested rig, allocating it costs no more than keeping one). A caller joining the pages
+        into one buffer first paid a whole extra copy: under nested TCG about 0.05 ms per page, a quarter of a
+        prefetch's time."""
         cdef list gfn_list = [int(g) for g in gfns]
+        cdef list page_list = list(pages)
         cdef size_t n = len(gfn_list)
-        cdef size_t start, i, pages
+        cdef size_t start, i, npages
+        cdef size_t page_bytes = PAGE_SIZE
         cdef uint32_t count
         cdef int rc
         cdef void *buffer
+        cdef unsigned char *target
+        cdef const unsigned char[::1] page
         cdef uint64_t *gfn_array
         cdef int32_t *status
         cdef xencall_handle *xcall
-        if <size_t>data.shape[0] != n * PAGE_SIZE:
-            raise ValueError(f"{n} gfns need {n * PAGE_SIZE} bytes of data, got {data.shape[0]}")
+        if len(page_list) != n:
+            raise ValueError(f"{n} gfns need {n} pages, got {len(page_list)}")
+        for i in range(n):
+            if len(page_list[i]) != PAGE_SIZE:
+                raise ValueError(f"page {i} (gfn {gfn_list[i]:#x}) is {len(page_list[i])} bytes, not {PAGE_SIZE}")
         statuses = []
         if n == 0:
             return statuses
         xcall = self._xencall()
         for start in range(0, n, XS_LOAD_BATCH_MAX):
             count = <uint32_t>min(<size_t>XS_LOAD_BATCH_MAX, n - start)
-            pages = xs_load_batch_pages(count)
-            buffer = xencall_alloc_buffer_pages(xcall, pages)
+            npages = xs_load_batch_pages(count)
+            buffer = xencall_alloc_buffer_pages(xcall, npages)
             if buffer == NULL:
                 raise_errno("xencall_alloc_buffer_pages")
             try:
-                memcpy(buffer, &data[start * PAGE_SIZE], count * PAGE_SIZE)
+                target = <unsigned char *>buffer
                 gfn_array = xs_load_batch_gfns(buffer, count)
                 status = xs_load_batch_status(buffer, count)
                 for i in range(count):
+                    page = page_list[start + i]
+                    memcpy(target + i * page_bytes, &page[0], page_bytes)
                     gfn_array[i] = gfn_list[start + i]
                     status[i] = -5  # EIO unless Xen says otherwise
                 with nogil:
@@ -164,7 +175,7 @@ cdef class XenCtrl:
                     raise_errno("XEN_DOMCTL_xenswap_op(load_batch)")
                 statuses.extend([-status[i] for i in range(count)])
             finally:
-                xencall_free_buffer_pages(xcall, buffer, pages)
+                xencall_free_buffer_pages(xcall, buffer, npages)
         return statuses
 
     def vm_event_enable(self, uint32_t domid, int param=HVM_PARAM_PAGING_RING_PFN):

@@ -417,7 +417,7 @@ class DomainPager:
         mem_paging_load each."""
         if self.batched_load is not False:
             try:
-                statuses = self.ctrl.mem_paging_load_batch(self.domid, gfns, b"".join(pages[g] for g in gfns))
+                statuses = self.ctrl.mem_paging_load_batch(self.domid, gfns, [pages[g] for g in gfns])
                 self.batched_load = True
                 return statuses
             except OSError as error:
