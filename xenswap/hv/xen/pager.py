@@ -19,6 +19,13 @@ once per vCPU with "vCPU paused, page dropped": a vCPU that was paused waiting f
 its page again and asks again on the new ring (a vCPU that was not paused is left alone: Xen refuses to unpause
 below zero). Frames nominated but not yet evicted when the old pager died stay in Xen, not present; the first
 touch brings them back through the ring like any other.
+
+A guest destroyed while its pager serves it: the pager's mapping of the ring page holds a reference to the
+guest's memory, so Xen cannot finish destroying it: it stayed a dying ``(null)`` domain with its memory for as
+long as the pager ran (measured in the rig: still there 10 s after ``xl destroy``, gone right after the pager
+closed). The ring thread checks in its idle moments whether its domain is still there; when it is gone (or dying,
+or its domid now belongs to another domain) the pager lets go of the ring and forgets the domain's pages in the
+store, which nothing can load any more.
 """
 
 from __future__ import annotations
@@ -54,6 +61,8 @@ IDLE_REMOVE_BATCH = 128
 # How long close() waits for the ring thread to finish what it is serving before it leaves the ring enabled for a
 # successor instead of disabling it under the thread.
 THREAD_STOP_SECONDS = 60
+# How often the idle ring thread checks that its domain still exists (one getdomaininfo hypercall).
+DOMAIN_CHECK_SECONDS = 1.0
 
 
 def default_store_path() -> Path:
@@ -82,6 +91,7 @@ class PagerStats:
     restarts_recovered: int = 0  # the ring was found enabled by a previous pager
     superpages_split: int = 0
     serve_errors: int = 0  # errors the ring thread reported and went on after (on stderr)
+    released_pages: int = 0  # pages of the destroyed domain the store forgot when the pager let it go
 
 
 # Called with the held event's request; returns once what the event needs is loaded (the pager then answers).
@@ -101,6 +111,8 @@ class DomainPager:
         self._xc = load_xc().xc()  # pause/unpause, domain info
         self.fmem = self.xc.ForeignMemory()
         self.stats = PagerStats()
+        self._handle = list(existing_domain_record(domid, self._xc)["handle"])  # tells a reused domid apart
+        self.domain_gone = threading.Event()  # set once the domain was found destroyed and the pager let go
         self.out: set[int] = set(self.store.gfns(self.key))  # frames this domain has in the store
         self._lock = threading.RLock()  # page-out, page-in and the ring thread, one at a time per frame set
         self._loaded_pending: list[int] = []  # loaded frames the store has not forgotten yet
@@ -199,6 +211,7 @@ class DomainPager:
         self.close()
 
     def _serve(self) -> None:
+        checked = time.monotonic()
         while not self._stop.is_set():
             try:
                 # Loaded frames are forgotten a few at a time once the ring has been quiet for 0.2 s: after a 20 ms
@@ -216,8 +229,46 @@ class DomainPager:
                     self.handle(requests)
                 elif self._loaded_pending:
                     self._flush_loaded(IDLE_REMOVE_BATCH)
+                elif time.monotonic() - checked >= DOMAIN_CHECK_SECONDS:
+                    checked = time.monotonic()
+                    if self._domain_is_gone():
+                        self._let_go_of_destroyed_domain()
+                        return
             except Exception as error:
                 self._serve_error("serving the ring", error)
+
+    def _domain_is_gone(self) -> bool:
+        info = domain_record(self.domid, self._xc)
+        return info is None or bool(info.get("dying")) or list(info["handle"]) != self._handle
+
+    def _let_go_of_destroyed_domain(self) -> None:
+        """The ring thread, once its domain is gone: unmap the ring and close the event channel (Xen can then
+        free the domain), stop the event thread, and forget the domain's pages in the store.
+
+        Unless a live domain has the same UUID (``xl reboot`` makes a new domain with it, and the store's key is
+        the UUID): its pager may page out under that key, so the entries are left for it (a later load of one of
+        them gets ENOENT from Xen and drops it)."""
+        self._stop.set()
+        self._held.put(None)  # the event thread answers nothing more: there is no ring to answer on
+        with self._answer_lock:
+            channel, self.channel = self.channel, None
+            if channel is not None:
+                with contextlib.suppress(OSError):
+                    channel.close_keep_enabled()
+        with self._lock:
+            try:
+                twin = any(list(info["handle"]) == self._handle and not info.get("dying")
+                           for info in self._xc.domain_getinfo(0, 1 << 15) if int(info["domid"]) != self.domid)
+            except Exception:  # the list could not be read: keeping stale entries is the safe side
+                twin = True
+            if not twin:
+                self.stats.released_pages = self.store.drop_domain(self.key)
+                self.out.clear()
+                self._loaded_pending.clear()
+        self.domain_gone.set()
+        print(f"xenswap pager {self.domid}: the domain is gone; let go of its ring"
+              f"{'' if twin else f' and forgot its {self.stats.released_pages} stored pages'}",
+              file=sys.stderr, flush=True)
 
     def _serve_error(self, doing: str, error: Exception) -> None:
         with contextlib.suppress(Exception):  # if the lookup fails too, report the error and go on
@@ -267,7 +318,8 @@ class DomainPager:
     def _answer(self, requests: list) -> None:
         if requests:
             with self._answer_lock:
-                self.channel.answer([r.response() for r in requests])
+                if self.channel is not None:  # None: the domain is gone, and its ring with it
+                    self.channel.answer([r.response() for r in requests])
 
     def _serve_held_events(self) -> None:
         """The event thread: the hook, then the answer that lets Xen deliver the event, one held event at a time
