@@ -1,6 +1,6 @@
 """Build the nested Xen rig's boot files from Debian packages: the hypervisor as a multiboot ELF, the dom0
-kernel, and a dom0 initramfs (busybox, Xen's toolstack and libraries, python3.11 with the test
-dependencies, the dom0 kernel modules, the command agent).
+kernel, and a dom0 initramfs (busybox, bash for Xen's hotplug scripts, Xen's toolstack and libraries, python3.11
+with the test dependencies, the dom0 kernel modules, the command agent).
 
 Everything is cached under ``cache_dir()/rig`` keyed by a hash of the recipe (package versions, the
 builder's own source, the agent, the Python packages copied in), so a rebuild happens only when one of
@@ -59,6 +59,8 @@ DOM0_MODULES = [
 # readelf cannot see: without libgcc_s.so.1, glibc's pthread_cancel aborts `xl create` once the domain is
 # built ("libgcc_s.so.1 must be installed for pthread_cancel to work").
 DLOPENED_LIBS = ["libgcc_s.so.1", "libnss_files.so.2"]
+
+HOST_BASH = Path("/usr/bin/bash")  # for Xen's hotplug scripts (Dom0Root._bash)
 
 HOST_LIB_DIRS = [Path("/usr/lib/x86_64-linux-gnu"), Path("/lib/x86_64-linux-gnu"), Path("/usr/lib64"), Path("/lib64")]
 
@@ -169,6 +171,7 @@ def recipe(pkg_versions: dict[str, str]) -> dict:
         "python": sys.version,
         "python_stat": _stat_key(Path("/usr/bin/python3.11")),
         "busybox": _stat_key(Path("/bin/busybox")),
+        "bash": _stat_key(HOST_BASH),
         "distributions": [f"{d.metadata['Name']}=={d.version}" for d in dom0_distributions()],
         "libc": os.confstr("CS_GNU_LIBC_VERSION"),
     }
@@ -190,6 +193,8 @@ def build_rig_image(force: bool = False) -> RigImage:
         raise MissingTool("/bin/busybox", "busybox-static")
     if not Path("/usr/bin/python3.11").exists():
         raise MissingTool("/usr/bin/python3.11", "python3.11")
+    if not HOST_BASH.exists():
+        raise MissingTool(str(HOST_BASH), "bash")
     kernel_pkg = debs.kernel_package()
     fetched = _cached_debs([*XEN_PACKAGES, kernel_pkg]) or debs.download([*XEN_PACKAGES, kernel_pkg])
     trees = {deb.name: debs.extract(deb) for deb in fetched}
@@ -341,6 +346,7 @@ class Dom0Root:
         self._python()
         self._modules()
         self._agent()
+        self._bash()
         self._libraries()
         self._busybox()
         self._config_files()
@@ -418,6 +424,15 @@ class Dom0Root:
         dst.mkdir(parents=True)
         for name in ["agent.py", "framing.py"]:
             shutil.copy2(here / name, dst / name)
+
+    def _bash(self) -> None:
+        """The host's bash (its libraries follow in _libraries): libxl runs the vif hotplug script
+        /etc/xen/scripts/vif-bridge, a #!/bin/bash script using bash only syntax (``trap ... ERR``, ``>&/dev/null``);
+        without bash every ``xl create`` of a guest with a vif failed with "cannot execute
+        /etc/xen/scripts/vif-bridge: No such file or directory". The rest it runs (ip, brctl, awk, which, logger)
+        is busybox's."""
+        shutil.copy2(HOST_BASH, self.root / "usr/bin/bash")
+        (self.root / "bin/bash").symlink_to("../usr/bin/bash")
 
     def _busybox(self) -> None:
         shutil.copy2("/bin/busybox", self.root / "bin/busybox")
