@@ -4,17 +4,23 @@ engine), then answers, and Xen delivers the event. The guest wakes with what it 
 
 Event kinds. The announcement says which of the guest's event-channel ports fired, its state (VIRQ,
 interdomain, ...), the VIRQ number or the sending domain. The guest's own ports of its devices are in xenstore
-(``console/port``, ``store/port``, ``device/vif/N/event-channel``, ``device/vbd/N/event-channel``), so:
+(``console/port``, ``store/port``, and each vif's and vbd's ``event-channel`` under ``device/vif/N`` and
+``device/vbd/N``), so:
 
 =====================================  ==================  ==============================================
 held event                             kind                working set prefetched
 =====================================  ==================  ==============================================
 VIRQ_TIMER (virq 0)                    ``idle``            the timer-tick background
 the console's port (xenconsoled)       ``console``         what a console command touched
-a vif's port (netback)                 ``ping``            the network working set
+a vif's ports (netback)                ``ping``            the network working set
 a vbd's port (blkback)                 ``disk``            the disk working set
 anything else (xenstore, IPIs, ...)    ``idle``
 =====================================  ==================  ==============================================
+
+A device's ports are not always one ``event-channel`` key: Linux's netfront takes split channels
+(``event-channel-tx``, ``event-channel-rx``) whenever netback offers them, which Linux's netback does (seen in the
+rig: a vif had only ``event-channel-tx`` = 7 and ``event-channel-rx`` = 8), and a multi-queue vif or vbd keeps
+its keys under ``queue-N/``. Every one of them is the device's.
 """
 
 from __future__ import annotations
@@ -45,13 +51,28 @@ def port_kinds(domid: int, store=None) -> dict[int, str]:
                 kinds[int(value)] = kind
         for device, kind in (("vif", "ping"), ("vbd", "disk")):
             for index in store.list(f"{base}/device/{device}") if store.exists(f"{base}/device/{device}") else []:
-                value = store.read(f"{base}/device/{device}/{index}/event-channel")
-                if value and value.isdigit():
-                    kinds[int(value)] = kind
+                for port in device_ports(store, f"{base}/device/{device}/{index}"):
+                    kinds[port] = kind
         return kinds
     finally:
         if own:
             store.close()
+
+
+# Where a frontend writes its event channels: one channel, or a split pair (netfront's tx and rx).
+EVENT_CHANNEL_KEYS = ("event-channel", "event-channel-tx", "event-channel-rx")
+
+
+def device_ports(store, device_path: str) -> list[int]:
+    """The event-channel ports a frontend device wrote under ``device_path`` (split or not, one queue or several)."""
+    queues = [f"{device_path}/{name}" for name in store.list(device_path) if name.startswith("queue-")]
+    ports = []
+    for path in [device_path, *queues]:
+        for key in EVENT_CHANNEL_KEYS:
+            value = store.read(f"{path}/{key}")
+            if value and value.isdigit():
+                ports.append(int(value))
+    return ports
 
 
 def event_kind(request, kinds: dict[int, str]) -> str:
