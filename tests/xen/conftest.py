@@ -11,6 +11,7 @@ import secrets
 import subprocess
 import sys
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -91,12 +92,13 @@ def hv():
     port.close()
 
 
-def _guest(kind: str, memory_mib: int = 128) -> Iterator[xl.GuestSpec]:
+def _guest(kind: str, memory_mib: int = 128, cmdline: str = "",
+           extra: dict[str, str] | None = None) -> Iterator[xl.GuestSpec]:
     kernel, initrd = guest_files()
     # on_reboot preserve: a guest that crashes (a triple fault is a "reboot" to Xen) stays for inspection (xenctx)
     # instead of coming back as a fresh guest under the same name that the test would take for the old one
     spec = xl.GuestSpec(name=f"t{kind}-{secrets.token_hex(3)}", kernel=kernel, initrd=initrd, kind=kind,
-                        memory_mib=memory_mib, extra={"on_reboot": '"preserve"'})
+                        memory_mib=memory_mib, cmdline=cmdline, extra={"on_reboot": '"preserve"', **(extra or {})})
     try:
         _create_and_wait_up(spec)
         yield spec
@@ -142,6 +144,48 @@ def pv_guest() -> Iterator[xl.GuestSpec]:
 def pvh_guest() -> Iterator[xl.GuestSpec]:
     """The same as a PVH guest."""
     yield from _guest("pvh")
+
+
+# The network of the guest with a vif: a bridge of its own in dom0 (dom0's address on it), the guest's eth0 on it.
+GUEST_NET_DOM0_IP = "10.231.0.1"
+GUEST_NET_GUEST_IP = "10.231.0.2"
+GUEST_NET_PREFIX = 24
+
+
+@dataclass(frozen=True)
+class NetGuest:
+    spec: xl.GuestSpec
+    bridge: str  # dom0's bridge the guest's vif (vif<domid>.0) is a port of
+    ip: str  # the guest's address (dom0 reaches it over the bridge)
+
+
+@pytest.fixture(scope="module")
+def guest_bridge() -> Iterator[str]:
+    """A Linux bridge in dom0 with GUEST_NET_DOM0_IP on it, for the vif of a guest (``vif = ['bridge=NAME']``: libxl's
+    vif-bridge hotplug script makes the vif a port of it); removed at the module's end."""
+    name = f"xsbr{secrets.token_hex(3)}"  # interface names are at most 15 characters
+
+    def ip(*args: str) -> None:
+        done = subprocess.run(["ip", *args], capture_output=True, text=True, timeout=30)
+        if done.returncode != 0:
+            pytest.fail(f"ip {' '.join(args)}: {done.stderr.strip()}")
+
+    ip("link", "add", "name", name, "type", "bridge")
+    try:
+        ip("addr", "add", f"{GUEST_NET_DOM0_IP}/{GUEST_NET_PREFIX}", "dev", name)
+        ip("link", "set", name, "up")
+        yield name
+    finally:
+        subprocess.run(["ip", "link", "del", name], capture_output=True, timeout=30)
+
+
+@pytest.fixture(scope="module")
+def pvh_guest_with_vif(guest_bridge: str) -> Iterator[NetGuest]:
+    """A 128 MiB PVH guest like ``pvh_guest`` with one vif (netback in dom0, netfront in the guest) on
+    ``guest_bridge``; its eth0 has GUEST_NET_GUEST_IP (the image's init configures it before the boot marker)."""
+    cmdline = f"xenswap.ip={GUEST_NET_GUEST_IP}/{GUEST_NET_PREFIX} xenswap.ssh=0"
+    for spec in _guest("pvh", cmdline=cmdline, extra={"vif": f'["bridge={guest_bridge}"]'}):
+        yield NetGuest(spec, guest_bridge, GUEST_NET_GUEST_IP)
 
 
 @pytest.fixture
