@@ -28,6 +28,7 @@ pytestmark = [pytest.mark.dom0, pytest.mark.usefixtures("patched_xen")]
 
 HOLD_SECONDS = 1.0  # the hook keeps each ping event held this long: a reply before that was not held
 REPLY_TIMEOUT = 120.0  # a paged guest under nested TCG: demand faults at 10-40 ms each on the way to the reply
+HELD_ECHOES = (300, 310)  # the echoes sent with the hold on (the second only if the first was polled: see the test)
 
 
 def _checksum(data: bytes) -> int:
@@ -203,22 +204,33 @@ def test_a_ping_is_held_until_the_pager_answers(net_guest, store):
             assert len(pager.out) > 1000, (evicted, len(pager.out))
             paged_out = len(pager.out)
             # A guest still busy in its network stack polls its rx ring and needs no event for a packet (netback
-            # notifies only when netfront asked for one): the ping must find it idle.
-            settled = wait_until_quiet(pager)
+            # notifies only when netfront asked for one): the ping must find it idle. Seen once in 9 runs (before
+            # the wait for a quiet guest): no rx event at all, the reply first, then the tx event. Such a ping
+            # proves nothing either way, so a second echo is sent; one held echo must pass every check below.
+            for echo in HELD_ECHOES:
+                if echo != HELD_ECHOES[0]:
+                    memory.page_out_cold(3.0, intervals=1)  # what the first echo's hook prefetched goes out again
+                settled = wait_until_quiet(pager)
+                seen.clear()
 
-            def on_event(kind: str) -> None:
-                request = prefetcher.fired[-1][2]
-                prefetched = pager.prefetch(ping_ws) if kind == "ping" else 0
-                seen.append((kind, request.port, pinger.replied(300), prefetched, time.monotonic()))
-                if kind == "ping":
-                    time.sleep(HOLD_SECONDS)  # the event stays held meanwhile: the guest cannot have the packet
+                prefetcher = EventPrefetcher(pager, lambda kind: None, min_interval=0)
 
-            prefetcher = EventPrefetcher(pager, on_event, min_interval=0)
-            prefetcher.enable()
-            try:
-                held_rtt = pinger.ping(300, timeout=REPLY_TIMEOUT)
-            finally:
-                prefetcher.disable()
+                def on_event(kind: str, echo: int = echo, prefetcher: EventPrefetcher = prefetcher) -> None:
+                    request = prefetcher.fired[-1][2]
+                    prefetched = pager.prefetch(ping_ws) if kind == "ping" else 0
+                    seen.append((kind, request.port, pinger.replied(echo), prefetched, time.monotonic()))
+                    if kind == "ping":
+                        time.sleep(HOLD_SECONDS)  # the event stays held meanwhile: the guest cannot have the packet
+
+                prefetcher.on_event = on_event
+                prefetcher.enable()
+                try:
+                    held_rtt = pinger.ping(echo, timeout=REPLY_TIMEOUT)
+                finally:
+                    prefetcher.disable()
+                if any(kind == "ping" and not replied for kind, _, replied, _, _ in seen):
+                    break  # a packet event held before the reply: the checks below decide
+                print(f"\necho {echo}: no packet event held before the reply (guest polling its rx ring?): {seen}")
             irqs_after = vif_interrupts(net_guest.spec.name)
             # for comparison, a ping with the hold off to the guest paged down once more: demand paging only
             memory.page_out_cold(3.0, intervals=1)
@@ -233,7 +245,7 @@ def test_a_ping_is_held_until_the_pager_answers(net_guest, store):
         return "none" if rtt is None else f"{rtt * 1000:.0f} ms"
 
     ping_events = [event for event in seen if event[0] == "ping"]
-    before_reply = [event for event in ping_events if event[4] < pinger.replies.get(300, float("inf"))]
+    before_reply = [event for event in ping_events if event[4] < pinger.replies.get(echo, float("inf"))]
     kinds = sorted({event[0] for event in seen})
     print(f"\n{paged_out} frames out, guest quiet after {settled:.1f} s; held events: {len(seen)} ({kinds}), "
           f"ping events {len(ping_events)} "
@@ -242,10 +254,10 @@ def test_a_ping_is_held_until_the_pager_answers(net_guest, store):
           f"ping round trip: resident {', '.join(ms(rtt) for rtt in resident)}, held {ms(held_rtt)} "
           f"(hook sleeps {HOLD_SECONDS:g} s a ping event), hold off with {demand_out} frames out (demand paging) "
           f"{ms(demand_rtt)}; test {time.monotonic() - started:.1f} s")
-    sent = pinger.sent[300]
+    sent = pinger.sent[echo]
     print("held events, seconds after the echo request was sent (port, state, kind): " + ", ".join(
         f"{at - sent:+.3f} {request.port}/{request.state} {kind}" for at, kind, request in prefetcher.fired))
-    print(f"reply {pinger.replies.get(300, float('nan')) - sent:+.3f}; vif interrupts in the guest before the "
+    print(f"reply {pinger.replies.get(echo, float('nan')) - sent:+.3f}; vif interrupts in the guest before the "
           f"page-out {irqs_before}, after the held ping {irqs_after}; pager: {pager.stats.faults} faults, "
           f"{pager.stats.prefetched} frames prefetched, {pager.stats.held_events} held events")
     assert held_rtt is not None, f"the guest did not answer the held ping within {REPLY_TIMEOUT:g} s"
@@ -253,6 +265,6 @@ def test_a_ping_is_held_until_the_pager_answers(net_guest, store):
     assert {event[1] for event in ping_events} <= ports
     assert not ping_events[0][2], "the guest answered before its packet's event was released"
     # the hook returned (and the pager released the event) HOLD_SECONDS after it saw the event, at the earliest
-    assert pinger.replies[300] >= ping_events[0][4] + HOLD_SECONDS, "the guest answered while its event was held"
+    assert pinger.replies[echo] >= ping_events[0][4] + HOLD_SECONDS, "the guest answered while its event was held"
     assert sum(event[3] for event in ping_events) > 0, "the ping working set was not prefetched in the hook"
     assert demand_rtt is not None, "the guest paged once more did not answer with the hold off"
