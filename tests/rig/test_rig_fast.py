@@ -151,6 +151,10 @@ def test_dom0_binaries_run_in_chroot(dom0_tree):
     py = subprocess.run(["chroot", str(dom0_tree), "/usr/bin/python3", "-c", code], capture_output=True, text=True,
                         env=env)
     assert py.stdout.strip() == "ok", py.stderr
+    # libxl's vif hotplug script is #!/bin/bash (without it every xl create of a guest with a vif fails)
+    bash = subprocess.run(["chroot", str(dom0_tree), "/bin/bash", "-c", "echo ${BASH_VERSINFO[0]}"],
+                          capture_output=True, text=True, env=env)
+    assert bash.stdout.strip().isdigit(), bash.stderr
     for tool in ["xenstored", "xenconsoled", "xen-init-dom0", "xenstore-read"]:
         proc = subprocess.run(["chroot", str(dom0_tree), "sh", "-c", f"ldd $(command -v {tool})"],
                               capture_output=True, text=True, env=env)
