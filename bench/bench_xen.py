@@ -2,13 +2,15 @@
 
 * prefetch: the guest paged out to its idle working set (our dom0 pager, page store), the event-prefetch hook on
   (patch 0002): the console event is held, the pager loads the console event's measured working set, then the
-  event is delivered;
+  event is delivered and the hold goes off, as the daemon's wake does (``XenEventWakeSource``: the wake unwatches
+  the guest); keeping it on made every later event of the command (console acknowledgements, timer ticks) one
+  more dom0 round trip;
 * demand: the same page-out, hook off: every frame the command touches faults in through the paging ring;
 * xl save / xl restore: the guest saved to a file and restored (the toolstack's way to get an idle guest's memory
   back), then the same command.
 
-Wake-to-reply = from typing a command on the guest's console (its pty; no vif in the rig) to its output in the
-console log; for save/restore it starts with ``xl restore``.
+Wake-to-reply = from typing a command on the guest's console (its pty) to its output in the console log; for
+save/restore it starts with ``xl restore``.
 
     .venv/bin/python bench/bench_xen.py            # boots the rig with the patched hypervisor (host, root)
     python3 bench/bench_xen.py --in-dom0           # the measurement itself, run by the above inside dom0
@@ -54,8 +56,16 @@ def console_round_trip(name: str, command: str = "ls / >/dev/null; date", timeou
     return time.monotonic() - started
 
 
-def dom0_main(reps: int, memory_mib: int, with_restore: bool = True) -> dict:
+# Figures with one entry per round (page-out ones: two per round); the warm-up rounds are dropped from them.
+PER_ROUND = ("resident", "prefetch", "prefetch_faults", "prefetch_faults_predicted", "prefetch_frames",
+             "prefetch_load_s", "prefetch_store_read_s", "prefetch_xen_load_s", "demand", "demand_faults", "save_s",
+             "restore_only_s", "xl_restore")
+TWO_PER_ROUND = ("page_out_s", "idle_ws_pages", "out_pages")
+
+
+def dom0_main(reps: int, memory_mib: int, with_restore: bool = True, warmup: int = 1) -> dict:
     from xenswap.core.page_store import PageStore
+    from xenswap.core.working_set import EventWorkingSet
     from xenswap.errors import XenswapError
     from xenswap.hv.xen import xl as xlh
     from xenswap.hv.xen.memory import XenMemory
@@ -65,13 +75,14 @@ def dom0_main(reps: int, memory_mib: int, with_restore: bool = True) -> dict:
     name = f"bench-{secrets.token_hex(2)}"
     spec = xlh.GuestSpec(name=name, kernel=Path(os.environ["XENSWAP_GUEST_KERNEL"]),
                          initrd=Path(os.environ["XENSWAP_GUEST_INITRD"]), kind="pvh", memory_mib=memory_mib)
-    figures: dict = {"memory_mib": memory_mib, "reps": reps}
+    figures: dict = {"memory_mib": memory_mib, "reps": reps, "warmup": warmup}
+    rounds = warmup + reps
     save_file = Path(f"/tmp/{name}.save")
     xlh.create(spec)
     try:
         xlh.wait_for_console(name, xlh.GUEST_UP_MARKER, 180)
         time.sleep(3)
-        figures["resident"] = [console_round_trip(name) for _ in range(reps)]
+        figures["resident"] = [console_round_trip(name) for _ in range(rounds)]
 
         domid = int(xl("domid", name))
         store = PageStore(f"/tmp/{name}.pages.db")
@@ -85,11 +96,24 @@ def dom0_main(reps: int, memory_mib: int, with_restore: bool = True) -> dict:
         console_round_trip(name)
         first_ws = set(memory.accessed_pages_and_clear())
         console_round_trip(name)
-        console_ws = memory.accessed_pages_and_clear()
+        last_ws = memory.accessed_pages_and_clear()
+        # what the core engine predicts from these two observations (frames in at least half of them: the union)
+        model = EventWorkingSet()
+        model.record(first_ws)
+        model.record(last_ws)
+        console_ws = model.predicted()
         figures["console_ws_pages"] = len(console_ws)
-        # how much of one command's working set the previous command touched too (the rest is noise a predictor
-        # that intersects observations would leave out); the prefetch below uses the last observation, as before
-        figures["console_ws_in_both"] = len(first_ws & set(console_ws))
+        figures["console_ws_in_both"] = len(first_ws & set(last_ws))  # how alike two commands' sets are
+
+        # the gfns the guest faults on during a wake, to tell predicted frames (loaded late) from the rest
+        fault_gfns: list[int] = []
+        serve = pager.handle
+
+        def handle_and_note(requests: list) -> None:
+            fault_gfns.extend(r.gfn for r in requests if r.reason == pager.xc.REASON_MEM_PAGING)
+            serve(requests)
+
+        pager.handle = handle_and_note
 
         def page_out() -> None:
             memory.accessed_pages_and_clear()
@@ -103,19 +127,25 @@ def dom0_main(reps: int, memory_mib: int, with_restore: bool = True) -> dict:
             figures.setdefault("idle_ws_pages", []).append(len(hot))
             figures.setdefault("out_pages", []).append(len(pager.out))
 
-        prefetched = []
+        wake = {"frames": 0, "seconds": 0.0, "read": 0.0, "xen": 0.0}  # what the hook loaded in this wake
 
         def prefetch_for(kind: str) -> None:
             if kind != "console":
                 return
             started = time.monotonic()
-            prefetched.append(pager.prefetch(console_ws))
-            figures.setdefault("prefetch_load_s", []).append(time.monotonic() - started)
+            read, load = pager.stats.store_read_seconds, pager.stats.xen_load_seconds
+            wake["frames"] += pager.prefetch(console_ws)
+            wake["seconds"] += time.monotonic() - started
+            wake["read"] += pager.stats.store_read_seconds - read
+            wake["xen"] += pager.stats.xen_load_seconds - load
+            prefetcher.disable_after = True  # the guest is awake: the hold goes off once this event is answered
 
         prefetcher = EventPrefetcher(pager, prefetch_for, min_interval=0)
-        for _ in range(reps):
+        for _ in range(rounds):
             page_out()
             faults = pager.stats.faults
+            wake.update(frames=0, seconds=0.0, read=0.0, xen=0.0)
+            fault_gfns.clear()
             prefetcher.enable()
             try:
                 figures.setdefault("prefetch", []).append(console_round_trip(name, timeout=120))
@@ -129,11 +159,15 @@ def dom0_main(reps: int, memory_mib: int, with_restore: bool = True) -> dict:
             finally:
                 prefetcher.disable()
             figures.setdefault("prefetch_faults", []).append(pager.stats.faults - faults)
+            figures.setdefault("prefetch_faults_predicted", []).append(len(set(fault_gfns) & set(console_ws)))
+            figures.setdefault("prefetch_frames", []).append(wake["frames"])
+            figures.setdefault("prefetch_load_s", []).append(wake["seconds"])
+            figures.setdefault("prefetch_store_read_s", []).append(wake["read"])
+            figures.setdefault("prefetch_xen_load_s", []).append(wake["xen"])
             page_out()
             faults = pager.stats.faults
             figures.setdefault("demand", []).append(console_round_trip(name))
             figures.setdefault("demand_faults", []).append(pager.stats.faults - faults)
-        figures["prefetched_frames"] = sum(prefetched)
         figures["batched_load"] = pager.batched_load  # patch 0004's load_batch (False: frame by frame)
         figures["fault_ms_median"] = statistics.median(pager.stats.fault_seconds) * 1000
         pager.close()  # frames stay out; the guest is destroyed below
@@ -148,7 +182,7 @@ def dom0_main(reps: int, memory_mib: int, with_restore: bool = True) -> dict:
         time.sleep(3)
         console_round_trip(name)
         restore = []
-        for _ in range(reps if with_restore else 0):
+        for _ in range(rounds if with_restore else 0):
             started = time.monotonic()
             xl("save", name, str(save_file))
             figures.setdefault("save_s", []).append(time.monotonic() - started)
@@ -159,6 +193,10 @@ def dom0_main(reps: int, memory_mib: int, with_restore: bool = True) -> dict:
             figures.setdefault("restore_only_s", []).append(restored)
             save_file.unlink()
         figures["xl_restore"] = restore
+        for key in PER_ROUND:
+            figures[key] = figures.get(key, [])[warmup:]
+        for key in TWO_PER_ROUND:
+            figures[key] = figures[key][2 * warmup:]
 
     finally:
         xl("destroy", name) if subprocess.run(["xl", "domid", name], capture_output=True).returncode == 0 else None
@@ -171,14 +209,19 @@ def dom0_main(reps: int, memory_mib: int, with_restore: bool = True) -> dict:
 def report(figures: dict) -> str:
     med = {k: statistics.median(figures[k]) for k in ("resident", "prefetch", "demand", "xl_restore")}
     mid = {k: statistics.median(figures[k]) for k in ("prefetch_faults", "demand_faults", "restore_only_s", "save_s",
-                                                         "out_pages", "idle_ws_pages", "page_out_s")}
+                                                         "out_pages", "idle_ws_pages", "page_out_s",
+                                                         "prefetch_frames", "prefetch_load_s",
+                                                         "prefetch_faults_predicted", "prefetch_store_read_s",
+                                                         "prefetch_xen_load_s")}
     lines = [
-        f"P6 wake-to-reply, one {figures['memory_mib']} MiB PVH guest, console command, median of {figures['reps']}",
+        f"P6 wake-to-reply, one {figures['memory_mib']} MiB PVH guest, console command, median of {figures['reps']}"
+        f" (after {figures.get('warmup', 0)} unmeasured warm-up round(s) of each way)",
         f"  resident (anchor)            {med['resident']:8.2f} s",
-        f"  paged + prefetch hook        {med['prefetch']:8.2f} s  ({mid['prefetch_faults']:.0f} faults, "
-        f"console WS {figures['console_ws_pages']} frames, {figures['prefetched_frames']} prefetched in "
-        f"{sum(figures.get('prefetch_load_s', [0])):.2f} s over all {figures['reps']} reps, "
-        f"{'batched' if figures.get('batched_load') else 'frame by frame'})",
+        f"  paged + prefetch hook        {med['prefetch']:8.2f} s  ({mid['prefetch_faults']:.0f} faults "
+        f"({mid['prefetch_faults_predicted']:.0f} on predicted frames), "
+        f"console WS {figures['console_ws_pages']} frames; per wake {mid['prefetch_frames']:.0f} prefetched in "
+        f"{mid['prefetch_load_s']:.3f} s: store {mid['prefetch_store_read_s']:.3f} s, Xen "
+        f"{mid['prefetch_xen_load_s']:.3f} s, {'batched' if figures.get('batched_load') else 'frame by frame'})",
         f"  paged, demand paging         {med['demand']:8.2f} s  ({mid['demand_faults']:.0f} faults)",
         f"  xl save + xl restore         {med['xl_restore']:8.2f} s  (restore {mid['restore_only_s']:.2f} s, "
         f"save {mid['save_s']:.2f} s)",
@@ -200,7 +243,8 @@ def host_main(args: argparse.Namespace) -> int:
     with Rig.boot(xen="patched", timeout=300, state_dir=args.state_dir) as rig:
         print(f"rig (patched Xen) up in {rig.boot_seconds:.1f} s", flush=True)
         rig.set_env(XENSWAP_GUEST_KERNEL=rig.dom0_path(image.kernel), XENSWAP_GUEST_INITRD=rig.dom0_path(image.initrd))
-        rc, out = rig.run(f"python3 bench/bench_xen.py --in-dom0 --reps {args.reps} --memory {args.memory}",
+        rc, out = rig.run(f"python3 bench/bench_xen.py --in-dom0 --reps {args.reps} --warmup {args.warmup} "
+                          f"--memory {args.memory}",
                           timeout=3600)
     if rc != 0:
         print(out[-4000:], file=sys.stderr)
@@ -215,6 +259,10 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--in-dom0", action="store_true", help="measure (inside the rig's dom0)")
     parser.add_argument("--reps", type=int, default=2)
+    parser.add_argument("--warmup", type=int, default=1,
+                        help="unmeasured rounds of each way first: the pager's store file and heap are fresh in a "
+                             "new process (first touches cost page-table updates through Xen in a PV dom0); a "
+                             "long-running daemon's are not")
     parser.add_argument("--memory", type=int, default=128, help="guest MiB")
     parser.add_argument("--state-dir", type=Path, default=None, help="the rig's state folder")
     parser.add_argument("--json", action="store_true")
@@ -225,7 +273,7 @@ def main() -> int:
         print(report(json.loads(args.report.read_text().strip().splitlines()[-1])))
         return 0
     if args.in_dom0:
-        print(json.dumps(dom0_main(args.reps, args.memory, with_restore=not args.no_restore)))
+        print(json.dumps(dom0_main(args.reps, args.memory, with_restore=not args.no_restore, warmup=args.warmup)))
         return 0
     return host_main(args)
 
