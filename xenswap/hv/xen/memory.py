@@ -26,7 +26,7 @@ from collections.abc import Iterable
 
 from xenswap.core.mechanism import PAGE_SIZE
 from xenswap.core.page_store import PageStore
-from xenswap.hv.xen import bindings, domain_record, existing_domain_record
+from xenswap.hv.xen import bindings, existing_domain_record
 from xenswap.hv.xen.pager import DomainPager, default_store_path
 
 # PVH/HVM guests have MMIO and firmware holes from 3 GiB up to 4 GiB: RAM frames above that are remapped
@@ -44,15 +44,13 @@ class XenMemory:
         self.pager = pager
         self.ctrl = pager.ctrl
         info = existing_domain_record(domid)
-        self.uuid_handle = list(info["handle"])
         self._recent: set[int] = set()  # accessed in the last harvest interval
         self._pages = min(int(info["maxmem_kb"]) // (PAGE_SIZE // 1024), LOW_RAM_LIMIT_PAGES,
                           self.ctrl.domain_maximum_gpfn(domid) + 1)
 
     def alive(self) -> bool:
         """False once the domain is gone (or its id was reused by another domain)."""
-        info = domain_record(self.domid)
-        return info is not None and list(info["handle"]) == self.uuid_handle and not info.get("dying")
+        return not self.pager.domain_is_gone()
 
     def guest_pages(self) -> int:
         return self._pages
@@ -110,7 +108,7 @@ def pager_for(domid: int) -> DomainPager:
     global _store
     with _registry_lock:
         pager = _pagers.get(domid)
-        if pager is not None and not XenMemory(domid, pager).alive():
+        if pager is not None and pager.domain_is_gone():
             pager.close()
             del _pagers[domid]
             pager = None

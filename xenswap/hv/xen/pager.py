@@ -34,6 +34,7 @@ import argparse
 import contextlib
 import ctypes
 import errno
+import functools
 import os
 import queue
 import signal
@@ -76,6 +77,7 @@ KEPT_FREE_HEAP = 32 << 20
 M_TRIM_THRESHOLD = -1
 
 
+@functools.cache  # a process-wide setting: once, not per pager
 def keep_freed_heap() -> bool:
     """Make this process keep KEPT_FREE_HEAP of freed heap (glibc only; False where there is no mallopt)."""
     try:
@@ -88,11 +90,15 @@ def default_store_path() -> Path:
     return state_dir() / "xen-pages.db"
 
 
-def domain_uuid(domid: int) -> str:
-    """The domain's UUID: the page store's key (domids are reused, UUIDs are not)."""
-    handle = existing_domain_record(domid)["handle"]
+def uuid_text(handle: list[int]) -> str:
+    """A domain handle (xc's 16 bytes) as a UUID string: the page store's key (domids are reused, UUIDs are not)."""
     hexed = "".join(f"{b:02x}" for b in handle)
     return f"{hexed[:8]}-{hexed[8:12]}-{hexed[12:16]}-{hexed[16:20]}-{hexed[20:]}"
+
+
+def domain_uuid(domid: int) -> str:
+    """The domain's UUID (``uuid_text`` of its handle)."""
+    return uuid_text(existing_domain_record(domid)["handle"])
 
 
 def domain_vcpus(domid: int) -> int:
@@ -127,13 +133,13 @@ class DomainPager:
         self.xc = bindings.load()
         self.domid = domid
         self.store = store
-        self.key = key or domain_uuid(domid)
+        self._xc = load_xc().xc()  # pause/unpause, domain info
+        self._handle = list(existing_domain_record(domid, self._xc)["handle"])  # tells a reused domid apart
+        self.key = key or uuid_text(self._handle)
         self.on_event = on_event
         self.ctrl = bindings.open_xenctrl()
-        self._xc = load_xc().xc()  # pause/unpause, domain info
         self.fmem = self.xc.ForeignMemory()
         self.stats = PagerStats()
-        self._handle = list(existing_domain_record(domid, self._xc)["handle"])  # tells a reused domid apart
         self.domain_gone = threading.Event()  # set once the domain was found destroyed and the pager let go
         self.out: set[int] = set(self.store.gfns(self.key))  # frames this domain has in the store
         self._lock = threading.RLock()  # page-out, page-in and the ring thread, one at a time per frame set
@@ -257,13 +263,14 @@ class DomainPager:
                         self._flush_loaded(IDLE_REMOVE_BATCH)
                 elif time.monotonic() - checked >= DOMAIN_CHECK_SECONDS:
                     checked = time.monotonic()
-                    if self._domain_is_gone():
+                    if self.domain_is_gone():
                         self._let_go_of_destroyed_domain()
                         return
             except Exception as error:
                 self._serve_error("serving the ring", error)
 
-    def _domain_is_gone(self) -> bool:
+    def domain_is_gone(self) -> bool:
+        """True once the domain is gone, dying, or its domid belongs to another domain."""
         info = domain_record(self.domid, self._xc)
         return info is None or bool(info.get("dying")) or list(info["handle"]) != self._handle
 
