@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 
+from xenswap.core.page_store import PageStore
 from xenswap.errors import XenswapError
 from xenswap.hv.xen import xl
 from xenswap.hv.xen.xenstore import XenStore
@@ -186,6 +187,15 @@ def pvh_guest_with_vif(guest_bridge: str) -> Iterator[NetGuest]:
     cmdline = f"xenswap.ip={GUEST_NET_GUEST_IP}/{GUEST_NET_PREFIX} xenswap.ssh=0"
     for spec in _guest("pvh", cmdline=cmdline, extra={"vif": f'["bridge={guest_bridge}"]'}):
         yield NetGuest(spec, guest_bridge, GUEST_NET_GUEST_IP)
+
+
+@pytest.fixture
+def store(tmp_path) -> Iterator[PageStore]:
+    """A page store on dom0's /tmp (tmpfs: RAM), deleted after the test (a 128 MiB guest's pages each)."""
+    with PageStore(tmp_path / "pages.db") as page_store:
+        yield page_store
+    for path in tmp_path.glob("pages.db*"):
+        path.unlink()
 
 
 @pytest.fixture

@@ -21,7 +21,6 @@ from collections.abc import Iterator
 
 import pytest
 
-from xenswap.core.page_store import PageStore
 from xenswap.hv.xen import xl
 
 pytestmark = [pytest.mark.dom0, pytest.mark.usefixtures("patched_xen")]
@@ -122,15 +121,6 @@ def net_guest(pvh_guest_with_vif):
             assert time.monotonic() < deadline, f"{pvh_guest_with_vif.ip} does not answer pings from dom0"
             seq += 1
     return pvh_guest_with_vif
-
-
-@pytest.fixture
-def store(tmp_path) -> Iterator[PageStore]:
-    """A page store on dom0's /tmp (tmpfs), deleted after the test."""
-    with PageStore(tmp_path / "pages.db") as page_store:
-        yield page_store
-    for path in tmp_path.glob("pages.db*"):
-        path.unlink()
 
 
 def vif_interrupts(name: str) -> dict[str, int]:

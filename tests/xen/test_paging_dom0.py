@@ -57,15 +57,6 @@ def guest(pvh_guest):
     return pvh_guest, expected
 
 
-@pytest.fixture
-def store(tmp_path):
-    """A page store on dom0's /tmp (tmpfs: RAM), deleted after the test (a 128 MiB guest's pages each)."""
-    with PageStore(tmp_path / "pages.db") as page_store:
-        yield page_store
-    for path in tmp_path.glob("pages.db*"):
-        path.unlink()
-
-
 @contextlib.contextmanager
 def serving(domid: int, store: PageStore):
     """A pager for one test that gives every frame back at its end, also when the test fails: the module's next
