@@ -60,16 +60,24 @@ class GuestConsole:
         out = b""
         deadline = time.monotonic() + timeout
         resent = False
+        last_growth = time.monotonic()
         while time.monotonic() < deadline:
-            out += self._drain()
+            chunk = self._drain()
+            if chunk:
+                out, last_growth = out + chunk, time.monotonic()
             found = marker.search(out)
             if found:
                 text = out[:found.start()].decode(errors="replace")
                 if found.group(1) != b"0":
                     raise AssertionError(f"{self.name}: {command!r} exited {found.group(1).decode()}: {text[-500:]}")
                 return text
-            if not out and not resent and time.monotonic() > deadline - timeout + 15:
-                os.write(self.fd, line)  # the shell was not reading yet (just after boot)
+            if not resent and time.monotonic() - last_growth > 15 and not whole_line_echoed(out, line):
+                # The shell was not reading yet (just after boot), or it dropped part of the line: seen once, a
+                # fresh guest echoed the first 22 characters and then sat idle in hlt (no xenswap part had touched
+                # it). Once, after 15 s of silence, the line is typed again after a ^U that clears a partial one.
+                print(f"\n{self.name}: no progress on {command!r} after {out[-80:]!r}: typing it again",
+                      file=sys.stderr)
+                os.write(self.fd, b"\x15" + line)
                 resent = True
             time.sleep(0.1)
         raise AssertionError(f"{self.name}: no end marker for {command!r} within {timeout:g} s; got {out[-500:]!r}")
@@ -78,6 +86,11 @@ class GuestConsole:
         found = re.search(rf"([0-9a-f]{{32}})\s+{re.escape(path)}", self.run(f"md5sum {path}"))
         assert found, f"no md5sum of {path} in {self.name}"
         return found.group(1)
+
+
+def whole_line_echoed(out: bytes, line: bytes) -> bool:
+    """Whether the shell took the whole line (its echo ends with the line's end): the command then runs."""
+    return line.rstrip(b"\n") in out.replace(b"\r", b"")
 
 
 def _xl(*args: str) -> str:
