@@ -142,3 +142,40 @@ def test_wake_up_resumes_from_the_plan_made_when_pausing_and_a_successor_from_th
     assert open(f"/proc/{child.pid}/stat").read().split()[2] != "T"
     assert successor.state("a").phase == RESIDENT
     assert child.checksum() == before
+
+
+class StagingRecorder:
+    """A child's real mechanism plus the optional ``stage`` extra, which only records what it is asked to hold
+    (the Xen pager's own staging is tested in the rig: tests/xen/test_paging_dom0.py)."""
+
+    def __init__(self, mechanism) -> None:
+        self.mechanism = mechanism
+        self.asked: list[list[int]] = []
+
+    def __getattr__(self, name: str):
+        return getattr(self.mechanism, name)
+
+    def stage(self, gfns) -> int:
+        self.asked.append(list(dict.fromkeys(gfns)))
+        return len(self.asked[-1])
+
+
+def test_page_out_stages_the_wake_sets_most_frequent_event_first_and_not_the_resident_ones(port, tmp_path):
+    manager, clock = make_manager(port, tmp_path, long_idle_s=1e9)
+    recorder = StagingRecorder(port.children["a"].mechanism())
+    manager._mechanisms["a"] = recorder
+    manager.record_event("a", "idle", [1, 2])
+    manager.record_event("a", "console", [200, 201, 1])  # once, long ago: not frequent
+    clock.now += 1000
+    for _ in range(3):
+        manager.record_event("a", "ping", [100, 101, 2])  # three times a second: frequent, kept resident
+    manager.record_event("a", "tcp", [300])  # once, now: frequent too (1 a second)
+
+    manager.page_out("a", keep_ws=True)
+    # resident: the frequent events' sets (idle, ping, tcp); what stays to prefetch is console's
+    assert recorder.asked == [[200, 201]]
+
+    manager.page_in("a", all_pages=True)
+    manager.page_out("a", keep_ws=False)  # paused, everything out: every wake set, the most frequent first
+    assert recorder.asked[-1] == [2, 100, 101, 300, 1, 200, 201]
+    manager.page_in("a", event="console")

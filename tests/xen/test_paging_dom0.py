@@ -221,6 +221,62 @@ def test_batched_load_gives_back_identical_frames_and_enoent_per_frame(guest, st
         assert md5_of_blob(spec.name) == expected
         pager.close(page_in_all=True)
 
+def test_staged_frames_load_from_dom0_ram_byte_for_byte(guest, store):
+    """``stage``: frames already out are read from the store once, at the call; frames paged out afterwards keep
+    the bytes the page-out copied. Loading a staged frame asks the store nothing, Xen maps exactly the stored
+    bytes, and the copy is dropped once the frame is back in the guest."""
+    from xenswap.hv.xen.memory import XenMemory
+
+    spec, expected = guest
+    domid = xl.domid(spec.name)
+    with serving(domid, store) as pager:
+        memory = XenMemory(domid, pager)
+        evicted, _ = page_out_to_working_set(memory)
+        assert evicted > memory.guest_pages() * 3 // 4
+        asked: list[int] = []
+        read = store.get_pages
+
+        def get_pages_noted(key, gfns):
+            gfns = list(gfns)
+            asked.extend(gfns)
+            return read(key, gfns)
+
+        pager._xc.domain_pause(domid)  # no fault may page one of the chosen frames in meanwhile
+        try:
+            with pager._lock:
+                chosen = sorted(pager.out)[::41][:pager.stage_limit]
+                stored = store.get_pages(pager.key, chosen)
+                store.get_pages = get_pages_noted
+                assert memory.stage(chosen) == len(chosen) == pager.stats.staged
+                assert sorted(asked) == chosen  # read once, now
+                asked.clear()
+                assert pager.prefetch(chosen) == len(chosen)
+                assert asked == [] and pager.stats.staged_loads == len(chosen) and pager.stats.staged == 0
+                with pager.fmem.map(domid, chosen) as mapping:
+                    assert [bytes(mapping.page(i)) == stored[g] for i, g in enumerate(chosen)] == [True] * len(chosen)
+
+                # paged out again with the same set staged: the copies are the page-out's own bytes (a load sets
+                # the frames' accessed bits, which the page-out honours: cleared first, the guest is paused)
+                memory.accessed_pages_and_clear()
+                assert pager.page_out(chosen) >= len(chosen) - 8  # a frame Xen refuses at nominate stays in
+                staged = sorted(pager._staged)
+                assert staged == sorted(set(chosen) & pager.out) and asked == []
+                assert pager._staged == store.get_pages(pager.key, staged)
+                asked.clear()
+                loads = pager.stats.staged_loads
+                pager.prefetch(staged[:100])
+                assert asked == [] and pager.stats.staged_loads == loads + 100
+                assert memory.stage([]) == 0 and pager._staged == {}  # a new set replaces the old one
+                assert pager.prefetch(staged[100:200]) == 100
+                assert sorted(asked) == staged[100:200]  # nothing held: from the store
+        finally:
+            store.get_pages = read
+            pager._xc.domain_unpause(domid)
+        pager.page_in_all()
+        assert md5_of_blob(spec.name) == expected
+        pager.close(page_in_all=True)
+
+
 def test_pager_killed_with_sigkill_loses_no_page(guest, store, tmp_path):
     """A standalone pager evicts the cold frames and is killed; the guest then faults with no pager (its vCPU
     waits on the ring); a new pager takes the ring over, serves it, and every page comes back intact."""

@@ -345,9 +345,21 @@ class Manager:
         if release is not None:
             release(keep_working_set=keep_working_set)
 
+    def _stage_wake_sets(self, st: DomainState, mech: MemoryMechanism, resident: set[int]) -> None:
+        """Optional mechanism extra (Xen: the pager keeps copies in dom0 RAM): the frames a wake would prefetch,
+        the most frequent event type's first, so that its prefetch reads no page store."""
+        stage = getattr(mech, "stage", None)
+        if stage is None:
+            return
+        now = self.clock()
+        plan = self._wake_plan(st)
+        by_rate = sorted(EVENT_TYPES, key=lambda event: -st.model.rate(event, now))
+        stage(g for event in by_rate for g in plan[event] if g not in resident)
+
     def _page_out_ws(self, st: DomainState, mech: MemoryMechanism) -> int:
         keep = set(st.model.resident_set(self.clock(), self.config.frequent_rate))
         out = [gfn for gfn in range(mech.guest_pages()) if gfn not in keep]
+        self._stage_wake_sets(st, mech, keep)
         n = mech.page_out(out)
         self._release_overhead(mech)
         st.pageouts += 1
@@ -372,6 +384,7 @@ class Manager:
             self.store.save(st)  # intent first: a manager killed now is picked up by the next one
             n = self._page_out_ws(st, mech)
         elif not pause:
+            self._stage_wake_sets(st, mech, set())
             n = mech.page_out(None)  # the guest keeps running and faults back what it touches
             self._release_overhead(mech)
             st.pageouts += 1
@@ -381,6 +394,7 @@ class Manager:
             st.phase = PAUSING
             self.store.save(st)
             self.hv.pause(name)
+            self._stage_wake_sets(st, mech, set())
             n = mech.page_out(None)
             self._release_overhead(mech, keep_working_set=self.config.keep_hypervisor_ws_paused)
             st.pageouts += 1

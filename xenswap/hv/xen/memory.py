@@ -6,7 +6,9 @@
   guest's NPT: what the guest touched since the previous call, measured by the hardware walker, no faults;
 - page_out: nominate, copy into the page store (durable), evict (see xenswap.hv.xen.pager);
 - prefetch: load from the store in batches (one store query and one load_batch hypercall of patch 0004 per 256
-  frames; per frame Xen allocates, copies and maps it, as mem_paging_load does, the fallback without 0004).
+  frames; per frame Xen allocates, copies and maps it, as mem_paging_load does, the fallback without 0004);
+- stage (an optional extra the manager calls before a page-out): the pager keeps copies of a wake's predicted
+  frames in dom0 RAM, so that prefetching them reads no store.
 
 The guest keeps running while it is paged: a touch of an evicted frame pauses the vCPU and puts a request on
 the paging ring, which the pager's thread answers from the store. One pager (and ring) per domain and process:
@@ -93,6 +95,10 @@ class XenMemory:
         wanted = list(gfns)
         self.pager.prefetch(wanted)
         return len(wanted)
+
+    def stage(self, gfns: Iterable[int]) -> int:
+        """Optional mechanism extra: hold these frames' copies in dom0 RAM while they are out (DomainPager.stage)."""
+        return self.pager.stage(gfns)
 
     def close(self) -> None:
         pass  # the pager outlives the mechanism (registry below)
