@@ -21,6 +21,7 @@ Prints a table and the ratios; --json for raw figures.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import secrets
@@ -43,8 +44,10 @@ def xl(*args: str, timeout: float = 600) -> str:
     return proc.stdout
 
 
-def console_round_trip(name: str, command: str = "ls / >/dev/null; date", timeout: float = 300) -> float:
-    """Seconds from typing ``command`` on the guest's console to its end marker in the console log."""
+def console_round_trip(name: str, command: str = "ls / >/dev/null; date", timeout: float = 300,
+                       marks: dict | None = None) -> float:
+    """Seconds from typing ``command`` on the guest's console to its end marker in the console log (``marks``
+    gets both moments, monotonic: "typed", "replied")."""
     from xenswap.hv.xen import xl as xlh
 
     tty = xlh.console_tty(name)  # looked up before the clock starts
@@ -53,13 +56,30 @@ def console_round_trip(name: str, command: str = "ls / >/dev/null; date", timeou
     with open(tty, "w") as pty:
         pty.write(f"{command}; echo {token}-$((40+2))\n")
     xlh.wait_for_console(name, f"{token}-42", timeout, poll=0.01)
-    return time.monotonic() - started
+    replied = time.monotonic()
+    if marks is not None:
+        marks.update(typed=started, replied=replied)
+    return replied - started
+
+
+def print_xen_state(name: str) -> None:
+    """On a failed round: what Xen and the guest's console say (a crash, a triple fault, a reboot), on stderr."""
+    from xenswap.hv.xen import xl as xlh
+
+    domid = subprocess.run(["xl", "domid", name], capture_output=True, text=True).stdout.strip()
+    for command in (["xl", "list"], ["xl", "dmesg"], ["/usr/lib/xen-4.17/bin/xenctx", "-C", domid or "0"]):
+        proc = subprocess.run(command, capture_output=True, text=True)
+        print(f"$ {' '.join(command)}\n" + "\n".join((proc.stdout + proc.stderr).splitlines()[-40:]), file=sys.stderr)
+    with contextlib.suppress(OSError):
+        lines = xlh.console_log(name).read_text(errors="replace").splitlines()
+        print(f"$ tail -120 {xlh.console_log(name)}\n" + "\n".join(lines[-120:]), file=sys.stderr)
 
 
 # Figures with one entry per round (page-out ones: two per round); the warm-up rounds are dropped from them.
 PER_ROUND = ("resident", "prefetch", "prefetch_faults", "prefetch_faults_predicted", "prefetch_frames",
-             "prefetch_load_s", "prefetch_store_read_s", "prefetch_xen_load_s", "demand", "demand_faults", "save_s",
-             "restore_only_s", "xl_restore")
+             "prefetch_staged", "prefetch_load_s", "prefetch_store_read_s", "prefetch_xen_load_s", "demand",
+             "demand_faults", "save_s", "restore_only_s", "xl_restore", "prefetch_to_hook_s", "prefetch_after_hook_s",
+             "prefetch_serving_s")
 TWO_PER_ROUND = ("page_out_s", "idle_ws_pages", "out_pages")
 
 
@@ -74,7 +94,9 @@ def dom0_main(reps: int, memory_mib: int, with_restore: bool = True, warmup: int
 
     name = f"bench-{secrets.token_hex(2)}"
     spec = xlh.GuestSpec(name=name, kernel=Path(os.environ["XENSWAP_GUEST_KERNEL"]),
-                         initrd=Path(os.environ["XENSWAP_GUEST_INITRD"]), kind="pvh", memory_mib=memory_mib)
+                         initrd=Path(os.environ["XENSWAP_GUEST_INITRD"]), kind="pvh", memory_mib=memory_mib,
+                         # a triple fault is a "reboot" to Xen: the guest stays for print_xen_state, not rebooted
+                         extra={"on_reboot": '"preserve"'})
     figures: dict = {"memory_mib": memory_mib, "reps": reps, "warmup": warmup}
     rounds = warmup + reps
     save_file = Path(f"/tmp/{name}.save")
@@ -104,14 +126,22 @@ def dom0_main(reps: int, memory_mib: int, with_restore: bool = True, warmup: int
         console_ws = model.predicted()
         figures["console_ws_pages"] = len(console_ws)
         figures["console_ws_in_both"] = len(first_ws & set(last_ws))  # how alike two commands' sets are
+        # as the manager does before it pages a domain out (Manager._stage_wake_sets): the pager keeps its copies
+        # of the predicted frames in dom0 RAM too, so the wake's prefetch reads no store
+        figures["staged_limit"] = pager.stage_limit
+        pager.stage(console_ws)
 
         # the gfns the guest faults on during a wake, to tell predicted frames (loaded late) from the rest
         fault_gfns: list[int] = []
+        # what the hook loaded in this wake, and when it ran (monotonic); "serving": the ring thread's time
+        wake = {"frames": 0, "seconds": 0.0, "read": 0.0, "xen": 0.0, "staged": 0, "serving": 0.0}
         serve = pager.handle
 
         def handle_and_note(requests: list) -> None:
             fault_gfns.extend(r.gfn for r in requests if r.reason == pager.xc.REASON_MEM_PAGING)
+            started = time.monotonic()
             serve(requests)
+            wake["serving"] += time.monotonic() - started
 
         pager.handle = handle_and_note
 
@@ -127,31 +157,37 @@ def dom0_main(reps: int, memory_mib: int, with_restore: bool = True, warmup: int
             figures.setdefault("idle_ws_pages", []).append(len(hot))
             figures.setdefault("out_pages", []).append(len(pager.out))
 
-        wake = {"frames": 0, "seconds": 0.0, "read": 0.0, "xen": 0.0}  # what the hook loaded in this wake
 
         def prefetch_for(kind: str) -> None:
             if kind != "console":
                 return
             started = time.monotonic()
+            wake.setdefault("hook_at", started)
             read, load = pager.stats.store_read_seconds, pager.stats.xen_load_seconds
+            staged = pager.stats.staged_loads
             wake["frames"] += pager.prefetch(console_ws)
+            wake["staged"] += pager.stats.staged_loads - staged
             wake["seconds"] += time.monotonic() - started
             wake["read"] += pager.stats.store_read_seconds - read
             wake["xen"] += pager.stats.xen_load_seconds - load
+            wake["hook_done"] = time.monotonic()
             prefetcher.disable_after = True  # the guest is awake: the hold goes off once this event is answered
 
         prefetcher = EventPrefetcher(pager, prefetch_for, min_interval=0)
         for _ in range(rounds):
             page_out()
             faults = pager.stats.faults
-            wake.update(frames=0, seconds=0.0, read=0.0, xen=0.0)
+            wake.update(frames=0, seconds=0.0, read=0.0, xen=0.0, staged=0, serving=0.0)
+            wake.pop("hook_at", None)
+            marks: dict = {}
             fault_gfns.clear()
             prefetcher.enable()
             try:
-                figures.setdefault("prefetch", []).append(console_round_trip(name, timeout=120))
+                figures.setdefault("prefetch", []).append(console_round_trip(name, timeout=120, marks=marks))
             except XenswapError:  # no reply in time
                 import faulthandler
 
+                print_xen_state(name)
                 print(f"stuck: {pager.stats} held={pager.hold_events(True)} fired={prefetcher.fired[-5:]} "
                       f"pending={pager.channel.ring.pending()}", file=sys.stderr)
                 faulthandler.dump_traceback(sys.stderr)
@@ -161,12 +197,21 @@ def dom0_main(reps: int, memory_mib: int, with_restore: bool = True, warmup: int
             figures.setdefault("prefetch_faults", []).append(pager.stats.faults - faults)
             figures.setdefault("prefetch_faults_predicted", []).append(len(set(fault_gfns) & set(console_ws)))
             figures.setdefault("prefetch_frames", []).append(wake["frames"])
+            figures.setdefault("prefetch_staged", []).append(wake["staged"])
             figures.setdefault("prefetch_load_s", []).append(wake["seconds"])
             figures.setdefault("prefetch_store_read_s", []).append(wake["read"])
             figures.setdefault("prefetch_xen_load_s", []).append(wake["xen"])
+            # where the wake's time went: typing -> hook, the hook, hook answered -> reply; faults served meanwhile
+            figures.setdefault("prefetch_to_hook_s", []).append(wake["hook_at"] - marks["typed"])
+            figures.setdefault("prefetch_after_hook_s", []).append(marks["replied"] - wake["hook_done"])
+            figures.setdefault("prefetch_serving_s", []).append(wake["serving"])
             page_out()
             faults = pager.stats.faults
-            figures.setdefault("demand", []).append(console_round_trip(name))
+            try:
+                figures.setdefault("demand", []).append(console_round_trip(name))
+            except XenswapError:
+                print_xen_state(name)
+                raise
             figures.setdefault("demand_faults", []).append(pager.stats.faults - faults)
         figures["batched_load"] = pager.batched_load  # patch 0004's load_batch (False: frame by frame)
         figures["fault_ms_median"] = statistics.median(pager.stats.fault_seconds) * 1000
@@ -208,20 +253,24 @@ def dom0_main(reps: int, memory_mib: int, with_restore: bool = True, warmup: int
 
 def report(figures: dict) -> str:
     med = {k: statistics.median(figures[k]) for k in ("resident", "prefetch", "demand", "xl_restore")}
-    mid = {k: statistics.median(figures[k]) for k in ("prefetch_faults", "demand_faults", "restore_only_s", "save_s",
-                                                         "out_pages", "idle_ws_pages", "page_out_s",
-                                                         "prefetch_frames", "prefetch_load_s",
-                                                         "prefetch_faults_predicted", "prefetch_store_read_s",
-                                                         "prefetch_xen_load_s")}
+    mid_keys = ("prefetch_faults", "demand_faults", "restore_only_s", "save_s", "out_pages", "idle_ws_pages",
+                "page_out_s", "prefetch_frames", "prefetch_load_s", "prefetch_staged", "prefetch_faults_predicted",
+                "prefetch_store_read_s", "prefetch_xen_load_s", "prefetch_to_hook_s", "prefetch_after_hook_s",
+                "prefetch_serving_s")
+    mid = {k: statistics.median(figures.get(k) or [0]) for k in mid_keys}  # (older --report files lack some)
     lines = [
         f"P6 wake-to-reply, one {figures['memory_mib']} MiB PVH guest, console command, median of {figures['reps']}"
         f" (after {figures.get('warmup', 0)} unmeasured warm-up round(s) of each way)",
         f"  resident (anchor)            {med['resident']:8.2f} s",
         f"  paged + prefetch hook        {med['prefetch']:8.2f} s  ({mid['prefetch_faults']:.0f} faults "
         f"({mid['prefetch_faults_predicted']:.0f} on predicted frames), "
-        f"console WS {figures['console_ws_pages']} frames; per wake {mid['prefetch_frames']:.0f} prefetched in "
+        f"console WS {figures['console_ws_pages']} frames; per wake {mid['prefetch_frames']:.0f} prefetched "
+        f"({mid['prefetch_staged']:.0f} from dom0 RAM) in "
         f"{mid['prefetch_load_s']:.3f} s: store {mid['prefetch_store_read_s']:.3f} s, Xen "
         f"{mid['prefetch_xen_load_s']:.3f} s, {'batched' if figures.get('batched_load') else 'frame by frame'})",
+        f"    typed -> hook {mid['prefetch_to_hook_s']:.3f} s, hook {mid['prefetch_load_s']:.3f} s, hook answered -> "
+        f"reply {mid['prefetch_after_hook_s']:.3f} s; the ring thread served faults for "
+        f"{mid['prefetch_serving_s']:.3f} s",
         f"  paged, demand paging         {med['demand']:8.2f} s  ({mid['demand_faults']:.0f} faults)",
         f"  xl save + xl restore         {med['xl_restore']:8.2f} s  (restore {mid['restore_only_s']:.2f} s, "
         f"save {mid['save_s']:.2f} s)",
