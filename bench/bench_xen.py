@@ -21,7 +21,6 @@ Prints a table and the ratios; --json for raw figures.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import secrets
@@ -62,19 +61,6 @@ def console_round_trip(name: str, command: str = "ls / >/dev/null; date", timeou
     return replied - started
 
 
-def print_xen_state(name: str) -> None:
-    """On a failed round: what Xen and the guest's console say (a crash, a triple fault, a reboot), on stderr."""
-    from xenswap.hv.xen import xl as xlh
-
-    domid = subprocess.run(["xl", "domid", name], capture_output=True, text=True).stdout.strip()
-    for command in (["xl", "list"], ["xl", "dmesg"], ["/usr/lib/xen-4.17/bin/xenctx", "-C", domid or "0"]):
-        proc = subprocess.run(command, capture_output=True, text=True)
-        print(f"$ {' '.join(command)}\n" + "\n".join((proc.stdout + proc.stderr).splitlines()[-40:]), file=sys.stderr)
-    with contextlib.suppress(OSError):
-        lines = xlh.console_log(name).read_text(errors="replace").splitlines()
-        print(f"$ tail -120 {xlh.console_log(name)}\n" + "\n".join(lines[-120:]), file=sys.stderr)
-
-
 # Figures with one entry per round (page-out ones: two per round); the warm-up rounds are dropped from them.
 PER_ROUND = ("resident", "prefetch", "prefetch_faults", "prefetch_faults_predicted", "prefetch_frames",
              "prefetch_staged", "prefetch_load_s", "prefetch_store_read_s", "prefetch_xen_load_s", "demand",
@@ -95,7 +81,7 @@ def dom0_main(reps: int, memory_mib: int, with_restore: bool = True, warmup: int
     name = f"bench-{secrets.token_hex(2)}"
     spec = xlh.GuestSpec(name=name, kernel=Path(os.environ["XENSWAP_GUEST_KERNEL"]),
                          initrd=Path(os.environ["XENSWAP_GUEST_INITRD"]), kind="pvh", memory_mib=memory_mib,
-                         # a triple fault is a "reboot" to Xen: the guest stays for print_xen_state, not rebooted
+                         # a triple fault is a "reboot" to Xen: the guest stays for xl.state_report, not rebooted
                          extra={"on_reboot": '"preserve"'})
     figures: dict = {"memory_mib": memory_mib, "reps": reps, "warmup": warmup}
     rounds = warmup + reps
@@ -188,7 +174,7 @@ def dom0_main(reps: int, memory_mib: int, with_restore: bool = True, warmup: int
             except XenswapError:  # no reply in time
                 import faulthandler
 
-                print_xen_state(name)
+                print(xlh.state_report(console_lines=120, dmesg_lines=40), file=sys.stderr)
                 print(f"stuck: {pager.stats} held={pager.hold_events(True)} fired={prefetcher.fired[-5:]} "
                       f"pending={pager.channel.ring.pending()}", file=sys.stderr)
                 faulthandler.dump_traceback(sys.stderr)
@@ -212,7 +198,7 @@ def dom0_main(reps: int, memory_mib: int, with_restore: bool = True, warmup: int
             try:
                 figures.setdefault("demand", []).append(console_round_trip(name))
             except XenswapError:
-                print_xen_state(name)
+                print(xlh.state_report(console_lines=120, dmesg_lines=40), file=sys.stderr)
                 raise
             figures.setdefault("demand_faults", []).append(pager.stats.faults - faults)
         figures["batched_load"] = pager.batched_load  # patch 0004's load_batch (False: frame by frame)

@@ -34,39 +34,12 @@ def guest_files() -> tuple[Path, Path]:
     return paths
 
 
-def _xen_state_report() -> str:
-    """What a failed dom0 test leaves behind, for the log: domains and their vCPUs (a vCPU paused on a paging
-    request shows state "p"), the hypervisor's recent messages, and for each guest its console tail and its vCPUs'
-    registers and code bytes (xenctx; Debian's kernel package carries no real System.map)."""
-    def run(*argv: str) -> str:
-        try:
-            done = subprocess.run(argv, capture_output=True, text=True, timeout=30)
-            return (done.stdout + done.stderr).rstrip()
-        except (OSError, subprocess.TimeoutExpired) as error:
-            return f"{argv[0]}: {error}"
-
-    listing = run("xl", "list")
-    parts = [f"$ xl list\n{listing}", f"$ xl vcpu-list\n{run('xl', 'vcpu-list')}",
-             "$ xl dmesg | tail -25\n" + "\n".join(run("xl", "dmesg").splitlines()[-25:])]
-    for line in listing.splitlines()[1:]:
-        fields = line.split()
-        if len(fields) < 2 or fields[1] == "0":
-            continue
-        name, domid = fields[0], fields[1]
-        log = xl.console_log(name)
-        if log.exists():
-            tail = log.read_text(errors="replace").replace("\r", "").splitlines()[-15:]
-            parts.append(f"$ tail {log}\n" + "\n".join(tail))
-        parts.append(f"$ xenctx -C {domid}\n" + run("/usr/lib/xen-4.17/bin/xenctx", "-C", domid)[-2500:])
-    return "\n".join(parts)
-
-
 @pytest.hookimpl(hookwrapper=True)
 def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo) -> Iterator[None]:
     outcome = yield
     report = outcome.get_result()
     if report.failed and "dom0" in item.keywords and Path("/proc/xen/capabilities").exists():
-        report.sections.append(("xen state after the failure", _xen_state_report()))
+        report.sections.append(("xen state after the failure", xl.state_report()))
 
 
 @pytest.fixture(scope="module")

@@ -129,3 +129,34 @@ def wait_for_console(name: str, text: str, timeout: float, poll: float = 0.5) ->
     except OSError:
         last = "(no console log)"
     raise XenswapError(f"{text!r} not seen on {name}'s console within {timeout:g} s; last lines:\n{last}")
+
+
+XENCTX = "/usr/lib/xen-4.17/bin/xenctx"
+
+
+def state_report(console_lines: int = 15, dmesg_lines: int = 25) -> str:
+    """What Xen and its guests look like now, for a failure's log: domains and their vCPUs (a vCPU paused on a
+    paging request shows state "p"), the hypervisor's recent messages (a triple fault names the guest's RIP), and
+    for each guest its console tail and its vCPUs' registers and code bytes (xenctx; Debian's kernel package
+    carries no real System.map)."""
+    def run(*argv: str) -> str:
+        try:
+            done = subprocess.run(argv, capture_output=True, text=True, timeout=30)
+            return (done.stdout + done.stderr).rstrip()
+        except (OSError, subprocess.TimeoutExpired) as error:
+            return f"{argv[0]}: {error}"
+
+    listing = run("xl", "list")
+    parts = [f"$ xl list\n{listing}", f"$ xl vcpu-list\n{run('xl', 'vcpu-list')}",
+             f"$ xl dmesg | tail -{dmesg_lines}\n" + "\n".join(run("xl", "dmesg").splitlines()[-dmesg_lines:])]
+    for line in listing.splitlines()[1:]:
+        fields = line.split()
+        if len(fields) < 2 or fields[1] == "0":
+            continue
+        name, domid = fields[0], fields[1]
+        log = console_log(name)
+        if log.exists():
+            tail = log.read_text(errors="replace").replace("\r", "").splitlines()[-console_lines:]
+            parts.append(f"$ tail {log}\n" + "\n".join(tail))
+        parts.append(f"$ xenctx -C {domid}\n" + run(XENCTX, "-C", domid)[-2500:])
+    return "\n".join(parts)
