@@ -120,7 +120,6 @@ class PagerStats:
     superpages_split: int = 0
     serve_errors: int = 0  # errors the ring thread reported and went on after (on stderr)
     released_pages: int = 0  # pages of the destroyed domain the store forgot when the pager let it go
-    staged: int = 0  # frames whose copies are held in dom0 RAM now (``stage``)
     staged_loads: int = 0  # frames loaded from those copies instead of the store
     store_read_seconds: float = 0.0  # page-in time spent reading (and checking) stored copies
     xen_load_seconds: float = 0.0  # ... and handing them to Xen
@@ -462,7 +461,6 @@ class DomainPager:
                         self.out.discard(gfn)
                         self.store.remove_pages(self.key, [gfn])
                 self.stats.evicted += evicted
-                self.stats.staged = len(self._staged)
                 return evicted
             finally:
                 self._xc.domain_unpause(self.domid)
@@ -486,7 +484,7 @@ class DomainPager:
             return 0
         started = time.perf_counter()
         staged = {g: self._staged[g] for g in gfns if g in self._staged}
-        pages = self.store.get_pages(self.key, [g for g in gfns if g not in staged]) if len(staged) < len(gfns) else {}
+        pages = self.store.get_pages(self.key, [g for g in gfns if g not in staged])  # (none left: no query)
         pages.update(staged)
         self.stats.staged_loads += len(staged)
         read = time.perf_counter()
@@ -510,7 +508,6 @@ class DomainPager:
         self.out.difference_update(done)
         for gfn in done:  # back in the guest, which may change it: the copy is stale from now on
             self._staged.pop(gfn, None)
-        self.stats.staged = len(self._staged)
         # Forgetting loaded frames is only tidying (a stale copy is never loaded: Xen refuses a load into a frame
         # that is not paged out, and a new page-out replaces it), so it is left out of the latency path of a fault
         # or a held event: the ring thread does it in its idle moments, page_in_all and close at their end.
@@ -578,7 +575,6 @@ class DomainPager:
             missing = [g for g in wanted if g in self.out and g not in self._staged]
             if missing:
                 self._staged.update(self.store.get_pages(self.key, missing))
-            self.stats.staged = len(self._staged)
             return len(self._staged)
 
     def page_in_all(self) -> int:
