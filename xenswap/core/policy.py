@@ -345,14 +345,16 @@ class Manager:
         if release is not None:
             release(keep_working_set=keep_working_set)
 
-    def _stage_wake_sets(self, st: DomainState, mech: MemoryMechanism, resident: set[int]) -> None:
-        """Optional mechanism extra (Xen: the pager keeps copies in dom0 RAM): the frames a wake would prefetch,
-        the most frequent event type's first, so that its prefetch reads no page store."""
+    def _stage_wake_sets(self, st: DomainState, mech: MemoryMechanism, resident: set[int],
+                         plan: dict[str | None, list[int]] | None = None) -> None:
+        """Optional mechanism extra (Xen: the pager keeps copies in dom0 RAM): the frames a wake would prefetch
+        (``plan``, worked out here unless the caller has it), the most frequent event type's first, so that its
+        prefetch reads no page store."""
         stage = getattr(mech, "stage", None)
         if stage is None:
             return
         now = self.clock()
-        plan = self._wake_plan(st)
+        plan = plan or self._wake_plan(st)
         by_rate = sorted(EVENT_TYPES, key=lambda event: -st.model.rate(event, now))
         stage(g for event in by_rate for g in plan[event] if g not in resident)
 
@@ -394,13 +396,14 @@ class Manager:
             st.phase = PAUSING
             self.store.save(st)
             self.hv.pause(name)
-            self._stage_wake_sets(st, mech, set())
+            plan = self._wake_plan(st)
+            self._stage_wake_sets(st, mech, set(), plan)
             n = mech.page_out(None)
             self._release_overhead(mech, keep_working_set=self.config.keep_hypervisor_ws_paused)
             st.pageouts += 1
             st.phase = PAGED_OUT
             self.store.save(st)
-            self._wake_plans[name] = self._wake_plan(st)
+            self._wake_plans[name] = plan
             if self.waker is not None:
                 self.waker.watch(name)
         if decision is None:
