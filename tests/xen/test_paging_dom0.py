@@ -71,6 +71,17 @@ def serving(domid: int, store: PageStore):
         pager.close(page_in_all=True)
 
 
+@contextlib.contextmanager
+def frozen(pager):
+    """The domain paused and the pager's lock held: no fault may page a frame the test chose in meanwhile."""
+    pager._xc.domain_pause(pager.domid)
+    try:
+        with pager._lock:
+            yield
+    finally:
+        pager._xc.domain_unpause(pager.domid)
+
+
 def page_out_to_working_set(memory, window: float = 3.0) -> tuple[int, list[int]]:
     memory.accessed_pages_and_clear()  # the first is coarse (superpages), and splits them
     time.sleep(window)
@@ -182,31 +193,27 @@ def test_batched_load_gives_back_identical_frames_and_enoent_per_frame(guest, st
         memory = XenMemory(domid, pager)
         evicted, hot = page_out_to_working_set(memory)
         assert evicted > memory.guest_pages() * 3 // 4
-        pager._xc.domain_pause(domid)  # no fault may page one of the chosen frames in meanwhile
-        try:
-            with pager._lock:
-                chosen = sorted(pager.out)[::97][:300]
-                resident = [g for g in hot if g not in pager.out][:2]
-                assert len(chosen) == 300 and len(resident) == 2
-                stored = store.get_pages(pager.key, chosen)
-                with pager.fmem.map(domid, resident) as mapping:
-                    resident_before = bytes(mapping)
-                gfns = [*chosen[:100], resident[0], *chosen[100:], resident[1]]
-                data = [stored[g] if g in stored else bytes(range(256)) * 16 for g in gfns]
-                started = time.perf_counter()
-                statuses = pager.ctrl.mem_paging_load_batch(domid, gfns, data)
-                took = time.perf_counter() - started
-                print(f"\nload_batch of {len(gfns)} frames: {took * 1000:.1f} ms "
-                      f"({took / len(gfns) * 1000:.3f} ms per frame)")
-                assert statuses[100] == statuses[-1] == errno.ENOENT  # resident: the batch went on
-                assert statuses[:100] + statuses[101:-1] == [0] * 300
-                with pager.fmem.map(domid, chosen) as mapping:
-                    assert mapping.errors == [0] * 300
-                    assert [bytes(mapping.page(i)) == stored[g] for i, g in enumerate(chosen)] == [True] * 300
-                with pager.fmem.map(domid, resident) as mapping:
-                    assert bytes(mapping) == resident_before  # an ENOENT frame is not written
-        finally:
-            pager._xc.domain_unpause(domid)
+        with frozen(pager):
+            chosen = sorted(pager.out)[::97][:300]
+            resident = [g for g in hot if g not in pager.out][:2]
+            assert len(chosen) == 300 and len(resident) == 2
+            stored = store.get_pages(pager.key, chosen)
+            with pager.fmem.map(domid, resident) as mapping:
+                resident_before = bytes(mapping)
+            gfns = [*chosen[:100], resident[0], *chosen[100:], resident[1]]
+            data = [stored[g] if g in stored else bytes(range(256)) * 16 for g in gfns]
+            started = time.perf_counter()
+            statuses = pager.ctrl.mem_paging_load_batch(domid, gfns, data)
+            took = time.perf_counter() - started
+            print(f"\nload_batch of {len(gfns)} frames: {took * 1000:.1f} ms "
+                  f"({took / len(gfns) * 1000:.3f} ms per frame)")
+            assert statuses[100] == statuses[-1] == errno.ENOENT  # resident: the batch went on
+            assert statuses[:100] + statuses[101:-1] == [0] * 300
+            with pager.fmem.map(domid, chosen) as mapping:
+                assert mapping.errors == [0] * 300
+                assert [bytes(mapping.page(i)) == stored[g] for i, g in enumerate(chosen)] == [True] * 300
+            with pager.fmem.map(domid, resident) as mapping:
+                assert bytes(mapping) == resident_before  # an ENOENT frame is not written
         # the pager still counts the chosen frames as out: its load gets ENOENT for them and forgets them
         out_before, faults_before = len(pager.out), pager.stats.faults
         started = time.monotonic()
@@ -221,7 +228,8 @@ def test_batched_load_gives_back_identical_frames_and_enoent_per_frame(guest, st
         assert md5_of_blob(spec.name) == expected
         pager.close(page_in_all=True)
 
-def test_staged_frames_load_from_dom0_ram_byte_for_byte(guest, store):
+
+def test_staged_frames_load_from_dom0_ram_byte_for_byte(guest, store, monkeypatch):
     """``stage``: frames already out are read from the store once, at the call; frames paged out afterwards keep
     the bytes the page-out copied. Loading a staged frame asks the store nothing, Xen maps exactly the stored
     bytes, and the copy is dropped once the frame is back in the guest."""
@@ -241,37 +249,32 @@ def test_staged_frames_load_from_dom0_ram_byte_for_byte(guest, store):
             asked.extend(gfns)
             return read(key, gfns)
 
-        pager._xc.domain_pause(domid)  # no fault may page one of the chosen frames in meanwhile
-        try:
-            with pager._lock:
-                chosen = sorted(pager.out)[::41][:pager.stage_limit]
-                stored = store.get_pages(pager.key, chosen)
-                store.get_pages = get_pages_noted
-                assert memory.stage(chosen) == len(chosen) == pager.stats.staged
-                assert sorted(asked) == chosen  # read once, now
-                asked.clear()
-                assert pager.prefetch(chosen) == len(chosen)
-                assert asked == [] and pager.stats.staged_loads == len(chosen) and pager.stats.staged == 0
-                with pager.fmem.map(domid, chosen) as mapping:
-                    assert [bytes(mapping.page(i)) == stored[g] for i, g in enumerate(chosen)] == [True] * len(chosen)
+        with frozen(pager):
+            chosen = sorted(pager.out)[::41][:pager.stage_limit]
+            stored = store.get_pages(pager.key, chosen)
+            monkeypatch.setattr(store, "get_pages", get_pages_noted)  # undone after the test
+            assert memory.stage(chosen) == len(chosen) == len(pager._staged)
+            assert sorted(asked) == chosen  # read once, now
+            asked.clear()
+            assert pager.prefetch(chosen) == len(chosen)
+            assert asked == [] and pager.stats.staged_loads == len(chosen) and pager._staged == {}
+            with pager.fmem.map(domid, chosen) as mapping:
+                assert [bytes(mapping.page(i)) == stored[g] for i, g in enumerate(chosen)] == [True] * len(chosen)
 
-                # paged out again with the same set staged: the copies are the page-out's own bytes (a load sets
-                # the frames' accessed bits, which the page-out honours: cleared first, the guest is paused)
-                memory.accessed_pages_and_clear()
-                assert pager.page_out(chosen) >= len(chosen) - 8  # a frame Xen refuses at nominate stays in
-                staged = sorted(pager._staged)
-                assert staged == sorted(set(chosen) & pager.out) and asked == []
-                assert pager._staged == store.get_pages(pager.key, staged)
-                asked.clear()
-                loads = pager.stats.staged_loads
-                pager.prefetch(staged[:100])
-                assert asked == [] and pager.stats.staged_loads == loads + 100
-                assert memory.stage([]) == 0 and pager._staged == {}  # a new set replaces the old one
-                assert pager.prefetch(staged[100:200]) == 100
-                assert sorted(asked) == staged[100:200]  # nothing held: from the store
-        finally:
-            store.get_pages = read
-            pager._xc.domain_unpause(domid)
+            # paged out again with the same set staged: the copies are the page-out's own bytes (a load sets
+            # the frames' accessed bits, which the page-out honours: cleared first, the guest is paused)
+            memory.accessed_pages_and_clear()
+            assert pager.page_out(chosen) >= len(chosen) - 8  # a frame Xen refuses at nominate stays in
+            staged = sorted(pager._staged)
+            assert staged == sorted(set(chosen) & pager.out) and asked == []
+            assert pager._staged == store.get_pages(pager.key, staged)
+            asked.clear()
+            loads = pager.stats.staged_loads
+            pager.prefetch(staged[:100])
+            assert asked == [] and pager.stats.staged_loads == loads + 100
+            assert memory.stage([]) == 0 and pager._staged == {}  # a new set replaces the old one
+            assert pager.prefetch(staged[100:200]) == 100
+            assert sorted(asked) == staged[100:200]  # nothing held: from the store
         pager.page_in_all()
         assert md5_of_blob(spec.name) == expected
         pager.close(page_in_all=True)
