@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import re
+import shlex
 import subprocess
 import sys
 import time
@@ -91,14 +92,50 @@ def _failure_digest(out: str) -> str:
     return "\n".join([*digest, "...", out[-2500:]])
 
 
+def triple_faults(serial_log: Path) -> list[str]:
+    """Xen's reports of guest triple faults in the rig's serial log (all of Xen's console, which ``xl dmesg``'s
+    ring may have lost), each with the lines before it: hypervisor patch 0007's trace of the vCPU's last
+    VMRUN/#VMEXIT pairs."""
+    lines = serial_log.read_text(errors="replace").splitlines()
+    reports = []
+    for index, line in enumerate(lines):
+        if "Triple fault" in line:
+            start = index
+            while start > 0 and index - start < 20 and "VMRUN/#VMEXIT" not in lines[start]:
+                start -= 1
+            # and 0007's lines before the trace: the #VMEXIT that lost the guest's state, exceptions combined
+            while start > 0 and re.search(r"saved Xen's own state|is pending, rip", lines[start - 1]):
+                start -= 1
+            reports.append("\n".join(lines[start:index + 1]))
+    return reports
+
+
+DOM0_PYTEST = "python3 -m pytest -p no:cacheprovider -m 'dom0 and not soak' -v -rfE"
+
+
 @pytest.mark.timeout(3000)  # the whole dom0 suite (paging, sharing, automation under nested TCG) in one test
 def test_dom0_suite_passes(rig):
     """Every dom0-marked test of the project (Xen port, xenstore, paging, sharing, automation, kernel module,
-    netem/VLAN topologies) in one boot."""
+    netem/VLAN topologies) in one boot.
+
+    A run in which Xen reported a guest triple fault runs its failed tests once more, in a fresh pytest (fresh
+    guests): QEMU's TCG emulation of SVM now and then saves Xen's own state as the guest's at a #VMEXIT, and the
+    guest is lost (docs/xen.md, "Guest triple faults"; paging makes it likelier, it is not caused by it), and one
+    such loss fails every later test of the module that shares the guest. Each fault is printed with Xen's exit
+    trace; a test that fails again fails this test."""
+    faults_before = len(triple_faults(rig.serial_log))
     started = time.monotonic()
-    rc, out = rig.run("python3 -m pytest -p no:cacheprovider -m dom0 tests -v -rfE --durations=8", timeout=2400,
-                      on_output=_relay_live)
+    rc, out = rig.run(f"{DOM0_PYTEST} --durations=8 tests", timeout=2400, on_output=_relay_live)
     print(f"dom0 suite: {time.monotonic() - started:.1f} s\n{out[-2500:]}")
+    faults = triple_faults(rig.serial_log)[faults_before:]
+    failed = re.findall(r"^(?:FAILED|ERROR) (tests/\S+::\S+)", out, re.M)
+    if rc != 0 and faults and failed:
+        print(f"\n{len(faults)} guest triple fault(s) in the dom0 suite:\n" + "\n\n".join(faults))
+        print(f"running the {len(failed)} failed test(s) once more: {failed}", flush=True)
+        first_digest = _failure_digest(out)
+        rc, out = rig.run(f"{DOM0_PYTEST} {' '.join(shlex.quote(test) for test in dict.fromkeys(failed))}",
+                          timeout=1200, on_output=_relay_live)
+        assert rc == 0, f"failed again after the triple fault:\n{_failure_digest(out)}\n\nfirst run:\n{first_digest}"
     assert rc == 0, _failure_digest(out)
     summary = re.search(r"(\d+) passed", out)
     assert summary and int(summary.group(1)) > 0, out[-2000:]
