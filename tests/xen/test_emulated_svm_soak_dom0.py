@@ -2,9 +2,12 @@
 
 A guest process spins on ``rdtsc`` (every one exits to Xen: the rig's TSC is not "reliable", so Xen emulates it)
 while dom0 pages out, once a second, every frame the guest did not touch in the last 0.3 s. Under QEMU 7.2's TCG
-emulation of SVM this loses the guest within minutes: a #VMEXIT comes back with Xen's own state saved as the
-guest's. Patch 0007 names that case in Xen's log. The test passes if the guest lives through the soak, or if it was
-lost *and* Xen named the emulator's fault for it; any other loss fails it. Run it by hand, in a rig booted with
+emulation of SVM this loses the guest within minutes, in one of two ways seen so far, both at the first
+instruction after a VMRUN (patch 0007's exit trace shows them): the #VMEXIT comes back with Xen's own state saved as
+the guest's (0007 names it in Xen's log), or the emulated CPU delivers a guest #PF for fetching the instruction at
+the VMRUN's RIP from a page the guest has mapped (the frame is paged out in the p2m: an NPT fault delivered as a
+guest fault), fails to deliver it and triple-faults. The test passes if the guest lives through the soak, or if it
+was lost in one of these two ways; any other loss fails it. Run it by hand, in a rig booted with
 ``--xen patched``::
 
     xenswap rig run --timeout 1500 -- 'cd /mnt/checkout && python3 -m pytest -m soak -s tests/xen'
@@ -87,6 +90,22 @@ def test_paged_guest_spinning_on_rdtsc_is_lost_only_to_the_emulated_svm(pvh_gues
     if lost is None:
         return
     dmesg = subprocess.run(["xl", "dmesg"], capture_output=True, text=True, timeout=60).stdout
-    named = [line for line in dmesg.splitlines() if EMULATOR_FAULT in line and re.search(rf"\bd{domid}v\d", line)]
-    assert named, f"the guest was lost without Xen naming the emulator's fault:\n{lost}\n{dmesg[-3000:]}"
-    print(named[0])
+    assert emulator_lost_the_guest(dmesg, domid), f"the guest was lost in an unknown way:\n{lost}\n{dmesg[-3000:]}"
+
+
+def emulator_lost_the_guest(dmesg: str, domid: int) -> bool:
+    """Whether Xen's log shows domain ``domid`` lost in one of the emulator's two known ways (module docstring)."""
+    lines = dmesg.splitlines()
+    if any(EMULATOR_FAULT in line and re.search(rf"\bd{domid}v\d", line) for line in lines):
+        return True
+    for index, line in enumerate(lines):
+        if re.search(rf"\bd{domid}v\d+ Triple fault", line) and index > 0:
+            # in 0007's trace before it: a pair entered at RIP r and left by SHUTDOWN at r while a #PF (vector 14,
+            # error code with the instruction-fetch bit) was being delivered
+            for pair in lines[max(0, index - 16):index]:
+                last = re.search(r"in rip (\w+) .*\| exit 7f .*intinfo (\w+) rip (\w+)", pair)
+                if last and last.group(1) == last.group(3):
+                    info = int(last.group(2), 16)
+                    if info & 0xFF == 14 and info & (1 << 31) and (info >> 32) & 0x10:
+                        return True
+    return False
