@@ -29,8 +29,6 @@ from xenswap.core.page_store import PageStore
 from xenswap.errors import XenswapError
 from xenswap.hv.xen import xl
 
-pytestmark = [pytest.mark.dom0, pytest.mark.soak, pytest.mark.usefixtures("patched_xen")]
-
 EMULATOR_FAULT = "saved Xen's own state as the guest's"
 
 
@@ -49,12 +47,15 @@ def rdtsc_spinner() -> bytes:
     return elf_header + load + code
 
 
-def test_rdtsc_spinner_is_a_minimal_elf():
+def test_rdtsc_spinner_is_a_minimal_elf():  # fast tier: the reproducer's program, checked without a rig
     blob = rdtsc_spinner()
     assert len(blob) == 124 and blob[:4] == b"\x7fELF"
     assert struct.unpack_from("<Q", blob, 24)[0] == 0x400000 + 120  # entry: the code right after the headers
 
 
+@pytest.mark.dom0
+@pytest.mark.soak
+@pytest.mark.usefixtures("patched_xen")
 def test_paged_guest_spinning_on_rdtsc_is_lost_only_to_the_emulated_svm(pvh_guest, tmp_path):
     from xenswap.hv.xen.memory import XenMemory
     from xenswap.hv.xen.pager import DomainPager
@@ -109,3 +110,18 @@ def emulator_lost_the_guest(dmesg: str, domid: int) -> bool:
                     if info & 0xFF == 14 and info & (1 << 31) and (info >> 32) & 0x10:
                         return True
     return False
+
+
+def test_the_two_known_losses_are_told_from_any_other_triple_fault():  # fast tier
+    pair = ("(XEN)  in rip {rip_in} fl 000202 inj 0 vintr 10f0001 shadow 0 | exit {exit} info1 0 info2 0 "
+            "intinfo {info} rip {rip_out}")
+    rdtsc = pair.format(rip_in="40007a", exit="6e", info="0", rip_out="400078")
+    fetch_fault = pair.format(rip_in="40007a", exit="7f", info="0000001480000b0e", rip_out="40007a")
+    write_fault = pair.format(rip_in="40007a", exit="7f", info="0000000280000b0e", rip_out="40007a")
+    triple = "(XEN) d3v0 Triple fault - invoking HVM shutdown action 1"
+    assert emulator_lost_the_guest("\n".join([rdtsc, fetch_fault, rdtsc, triple]), 3)
+    assert not emulator_lost_the_guest("\n".join([rdtsc, fetch_fault, triple]), 4)  # another domain's fault
+    assert not emulator_lost_the_guest("\n".join([rdtsc, write_fault, triple]), 3)  # not an instruction fetch
+    assert not emulator_lost_the_guest("\n".join([rdtsc, rdtsc, triple]), 3)
+    named = f"(XEN) d3v0 #VMEXIT 0x400 {EMULATOR_FAULT} (rip svm_asm_do_resume+0xa5/0x130, cr3 0x70c50000)"
+    assert emulator_lost_the_guest("\n".join([named, rdtsc, triple]), 3)
