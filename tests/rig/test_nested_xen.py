@@ -153,7 +153,8 @@ def test_dom0_suite_passes(rig):
                           timeout=1200, on_output=_relay_live)
         assert rc == 0, f"failed again after the triple fault:\n{_failure_digest(out)}\n\nfirst run:\n{first_digest}"
     elif faults:
-        print(f"\n{len(faults)} guest triple fault(s) in the dom0 suite (not rerun: a failure had a live guest):\n"
+        why = "no test failed" if rc == 0 else "a test failed with its guests alive"
+        print(f"\n{len(faults)} guest triple fault(s) in the dom0 suite ({why}; nothing rerun):\n"
               + "\n\n".join(faults))
     assert rc == 0, _failure_digest(out)
     summary = re.search(r"(\d+) passed", out)
