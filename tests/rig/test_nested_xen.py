@@ -110,13 +110,18 @@ def triple_faults(serial_log: Path) -> list[str]:
     return reports
 
 
+def failed_tests(out: str) -> list[str]:
+    """The node ids pytest's short summary (-rfE) lists as FAILED or ERROR."""
+    return re.findall(r"^(?:FAILED|ERROR) (tests/\S+::\S+)", out, re.M)
+
+
 def failed_on_a_lost_guest(out: str) -> set[str]:
     """The failed tests (node ids) whose failure report (the dom0 conftest's Xen state) lists a domain that has
     shut down: a guest lost under the test (a triple fault is a reboot to Xen, and the test guests are kept on
     one), not a test that failed with its guests alive."""
     sections = dict(re.findall(r"^_+ (test\S*) _+$\n(.*?)(?=^_+ test|^={5,} )", out, re.M | re.S))
     lost = set()
-    for test in re.findall(r"^(?:FAILED|ERROR) (tests/\S+::\S+)", out, re.M):
+    for test in failed_tests(out):
         state = sections.get(test.rsplit("::", 1)[1], "").partition("xen state after the failure")[2]
         # xl list's State column: r b p s, then the shutdown reason or c, then d; "s" is shut down
         if re.search(r"^\S+\s+\d+\s+\d+\s+\d+\s+[-r][-b][-p]s\S\S\s", state, re.M):
@@ -143,7 +148,7 @@ def test_dom0_suite_passes(rig):
     rc, out = rig.run(f"{DOM0_PYTEST} --durations=8 tests", timeout=2400, on_output=_relay_live)
     print(f"dom0 suite: {time.monotonic() - started:.1f} s\n{out[-2500:]}")
     faults = triple_faults(rig.serial_log)[faults_before:]
-    failed = re.findall(r"^(?:FAILED|ERROR) (tests/\S+::\S+)", out, re.M)
+    failed = failed_tests(out)
     lost = failed_on_a_lost_guest(out)
     if rc != 0 and faults and failed and set(failed) <= lost:
         print(f"\n{len(faults)} guest triple fault(s) in the dom0 suite:\n" + "\n\n".join(faults))

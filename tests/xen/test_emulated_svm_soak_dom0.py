@@ -25,7 +25,6 @@ import time
 
 import pytest
 
-from xenswap.core.page_store import PageStore
 from xenswap.errors import XenswapError
 from xenswap.hv.xen import xl
 
@@ -56,7 +55,7 @@ def test_rdtsc_spinner_is_a_minimal_elf():  # fast tier: the reproducer's progra
 @pytest.mark.dom0
 @pytest.mark.soak
 @pytest.mark.usefixtures("patched_xen")
-def test_paged_guest_spinning_on_rdtsc_is_lost_only_to_the_emulated_svm(pvh_guest, tmp_path):
+def test_paged_guest_spinning_on_rdtsc_is_lost_only_to_the_emulated_svm(pvh_guest, store):
     from xenswap.hv.xen.memory import XenMemory
     from xenswap.hv.xen.pager import DomainPager
 
@@ -69,23 +68,19 @@ def test_paged_guest_spinning_on_rdtsc_is_lost_only_to_the_emulated_svm(pvh_gues
     domid = xl.domid(name)
     seconds = float(os.environ.get("XENSWAP_SOAK_SECONDS", "600"))
     started, rounds, lost = time.monotonic(), 0, None
-    with PageStore(tmp_path / "pages.db") as store:
-        pager = DomainPager(domid, store).open()
-        memory = XenMemory(domid, pager)
-        try:
-            while time.monotonic() - started < seconds and lost is None:
-                memory.accessed_pages_and_clear()
-                time.sleep(0.3)
-                memory.accessed_pages_and_clear()
-                memory.page_out()
-                rounds += 1
-                if rounds % 5 == 0:
-                    try:
-                        xl.console_command(name, "echo alive", timeout=90)
-                    except XenswapError as error:
-                        lost = error
-        finally:
-            pager.close()
+    pager = DomainPager(domid, store).open()
+    memory = XenMemory(domid, pager)
+    try:
+        while time.monotonic() - started < seconds and lost is None:
+            memory.page_out_cold(0.3)  # every frame not touched in the last 0.3 s
+            rounds += 1
+            if rounds % 5 == 0:
+                try:
+                    xl.console_command(name, "echo alive", timeout=90)
+                except XenswapError as error:
+                    lost = error
+    finally:
+        pager.close()
     print(f"{rounds} rounds in {time.monotonic() - started:.0f} s, {pager.stats.faults} faults served, "
           f"guest {'lost' if lost else 'alive'}")
     if lost is None:

@@ -354,7 +354,7 @@ class Manager:
         if stage is None:
             return
         now = self.clock()
-        plan = plan or self._wake_plan(st)
+        plan = self._wake_plan(st) if plan is None else plan
         by_rate = sorted(EVENT_TYPES, key=lambda event: -st.model.rate(event, now))
         stage(g for event in by_rate for g in plan[event] if g not in resident)
 
