@@ -120,6 +120,12 @@ def pvh_guest() -> Iterator[xl.GuestSpec]:
     yield from _guest("pvh")
 
 
+@pytest.fixture(scope="module")
+def pvh_twin() -> Iterator[xl.GuestSpec]:
+    """A second PVH guest of the same image as ``pvh_guest``, for tests of two guests."""
+    yield from _guest("pvh")
+
+
 # The network of the guest with a vif: a bridge of its own in dom0 (dom0's address on it), the guest's eth0 on it.
 GUEST_NET_DOM0_IP = "10.231.0.1"
 GUEST_NET_GUEST_IP = "10.231.0.2"

@@ -5,6 +5,7 @@ published, and the xl-style commands (``xenswap request|policy|status``) work on
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 import time
@@ -181,6 +182,7 @@ def test_paging_requests_drive_the_policy_engine(scratch, guest, tmp_path, monke
     page-out-all pauses the guest with its memory paged out, a page-in resumes it."""
     from xenswap.core.policy import DomainOverride, engine_for
     from xenswap.hv.xen import open_hypervisor
+    from xenswap.hv.xen.memory import stage_budget_pages
 
     monkeypatch.setenv("XENSWAP_STATE", str(tmp_path))  # the engine's state store, not the real daemon's
     _, domid = guest
@@ -188,12 +190,17 @@ def test_paging_requests_drive_the_policy_engine(scratch, guest, tmp_path, monke
     engine = engine_for(hv)
     assert engine is not None, "no Xen paging mechanism: xenswap.hv.xen.memory did not load"
     try:
-        with Automation(engine=engine, root=scratch, share_interval=0, publish_interval=3600):
+        with Automation(engine=engine, root=scratch, share_interval=0, publish_interval=3600) as automation:
             before = seq(scratch, str(domid))
             xenstore_write(f"{scratch}/request/{domid}", "page-out-all")
             answer = wait_answer(scratch, str(domid), before, timeout=300)
             assert answer["result"] == "ok" and answer["message"].startswith("paged out "), answer
             assert hv.lookup(domid).state[2] == "p"
+            automation.publish()  # the engine's pager holds staged copies within the process's budget
+            with XenStore() as store:
+                staged = store.read(f"{scratch}/daemon/staged") or ""
+            assert re.fullmatch(rf"pages=\d+ held=\d+ budget={stage_budget_pages()} evicted=\d+ refused=\d+",
+                                staged), staged
             before = seq(scratch, str(domid))
             xenstore_write(f"{scratch}/request/{domid}", "page-in")
             answer = wait_answer(scratch, str(domid), before, timeout=300)

@@ -359,6 +359,11 @@ class Automation:
                     self.policies.pop(int(key), None)
                     self._seq.pop(key, None)
         self.store.write(f"{self.root}/daemon/heartbeat", f"{time.time():.0f}")
+        staged = staged_copies() if self.engine is not None else None
+        if staged is not None:
+            self.store.write(f"{self.root}/daemon/staged",
+                             f"pages={staged.pages} held={staged.contents} budget={staged.budget} "
+                             f"evicted={staged.evicted} refused={staged.refused}")
         if self.last_share:
             self.store.write(f"{self.root}/daemon/last-share",
                              f"{self.last_share['time']:.0f} merged={self.last_share['pages_merged']} "
@@ -374,6 +379,15 @@ def paged_out_frames(domids: list[int]) -> dict[int, set[int]]:
         return {}
     pagers = getattr(memory, "_pagers", {})
     return {domid: set(pagers[domid].out) for domid in domids if domid in pagers}
+
+
+def staged_copies():  # -> xenswap.core.staging.StagingStats | None
+    """What this process's pagers hold staged in dom0 RAM (xenswap.hv.xen.memory); None without a pager."""
+    try:
+        from xenswap.hv.xen import memory
+    except ImportError:
+        return None
+    return memory.staging_stats()
 
 
 def _figure(value: float | None) -> str:

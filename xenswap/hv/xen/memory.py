@@ -8,7 +8,8 @@
 - prefetch: load from the store in batches (one store query and one load_batch hypercall of patch 0004 per 256
   frames; per frame Xen allocates, copies and maps it, as mem_paging_load does, the fallback without 0004);
 - stage (an optional extra the manager calls before a page-out): the pager keeps copies of a wake's predicted
-  frames in dom0 RAM, so that prefetching them reads no store.
+  frames in dom0 RAM, so that prefetching them reads no store. The pagers of this process share one budget for
+  those copies (STAGE_BUDGET_PAGES), and a page several domains hold is held once (xenswap.core.staging).
 
 The guest keeps running while it is paged: a touch of an evicted frame pauses the vCPU and puts a request on
 the paging ring, which the pager's thread answers from the store. One pager (and ring) per domain and process:
@@ -22,18 +23,26 @@ fully reported 2 MiB run, and the harvests after it are exact.
 from __future__ import annotations
 
 import errno
+import os
 import threading
 import time
 from collections.abc import Iterable
 
 from xenswap.core.mechanism import PAGE_SIZE
 from xenswap.core.page_store import PageStore
+from xenswap.core.staging import StagedCopies, StagingStats
+from xenswap.errors import XenswapError
 from xenswap.hv.xen import bindings, existing_domain_record
-from xenswap.hv.xen.pager import DomainPager, default_store_path
+from xenswap.hv.xen.pager import STAGE_LIMIT_PAGES, DomainPager, default_store_path
 
 # PVH/HVM guests have MMIO and firmware holes from 3 GiB up to 4 GiB: RAM frames above that are remapped
 # past 4 GiB. Guests this project pages are far smaller; a bigger one is only paged below the hole.
 LOW_RAM_LIMIT_PAGES = (3 << 30) // PAGE_SIZE
+# dom0 RAM for the staged copies of all the paged domains together, unless XENSWAP_STAGE_BUDGET_MIB says otherwise:
+# the wake sets of ~32 domains at the per-domain limit (STAGE_LIMIT_PAGES, 4 MiB), more where guests of one image
+# hold the same pages; beyond it the domains idle longest read their wake from the store.
+STAGE_BUDGET_MIB = 128
+STAGE_BUDGET_ENV = "XENSWAP_STAGE_BUDGET_MIB"
 
 
 class XenMemory:
@@ -105,13 +114,32 @@ class XenMemory:
 
 
 _store: PageStore | None = None
+_staging: StagedCopies | None = None
 _pagers: dict[int, DomainPager] = {}
 _registry_lock = threading.Lock()
 
 
+def stage_budget_pages() -> int:
+    """The process's budget for staged copies, in pages (STAGE_BUDGET_MIB, or the environment's)."""
+    text = os.environ.get(STAGE_BUDGET_ENV, str(STAGE_BUDGET_MIB))
+    try:
+        mib = int(text)
+    except ValueError:
+        mib = 0
+    if mib < 1:
+        raise XenswapError(f"{STAGE_BUDGET_ENV}={text!r}: give the dom0 RAM for staged copies as a whole number "
+                           "of MiB, at least 1")
+    return mib * (1 << 20) // PAGE_SIZE
+
+
+def staging_stats() -> StagingStats | None:
+    """What this process's pagers hold staged (None before the first pager)."""
+    return None if _staging is None else _staging.stats()
+
+
 def pager_for(domid: int) -> DomainPager:
     """This process's pager of a domain (opened, serving), created on first use with the shared page store."""
-    global _store
+    global _store, _staging
     with _registry_lock:
         pager = _pagers.get(domid)
         if pager is not None and pager.domain_is_gone():
@@ -121,7 +149,9 @@ def pager_for(domid: int) -> DomainPager:
         if pager is None:
             if _store is None:
                 _store = PageStore(default_store_path())
-            pager = DomainPager(domid, _store).open()
+            if _staging is None:
+                _staging = StagedCopies(stage_budget_pages(), STAGE_LIMIT_PAGES)
+            pager = DomainPager(domid, _store, staging=_staging).open()
             _pagers[domid] = pager
         return pager
 

@@ -47,6 +47,7 @@ from pathlib import Path
 
 from xenswap.config import state_dir
 from xenswap.core.page_store import PageStore
+from xenswap.core.staging import StagedCopies
 from xenswap.hv.xen import bindings, domain_record, existing_domain_record, load_xc
 
 MAP_BATCH = 256  # frames per foreign mapping while paging out
@@ -75,7 +76,9 @@ DOMAIN_CHECK_SECONDS = 1.0
 # read warm): 0.09 ms a page, 0.23 ms right after malloc_trim.
 KEPT_FREE_HEAP = 32 << 20
 # Frames per domain whose paged-out copies the pager keeps in dom0 RAM as well (``stage``): 4 MiB, ~2x a console
-# command's working set in the rig (bench/bench_xen.py); 400 MiB of dom0 for 100 paged guests.
+# command's working set in the rig (bench/bench_xen.py). The pagers of one process share one budget for all their
+# domains (xenswap.core.staging; the manager's: xenswap.hv.xen.memory.STAGE_BUDGET_PAGES); a pager made without
+# one has a budget of its own of this size.
 STAGE_LIMIT_PAGES = 1024
 M_TRIM_THRESHOLD = -1
 
@@ -132,7 +135,8 @@ EventHook = Callable[["DomainPager", object], None]
 class DomainPager:
     """Pages one domain's frames out to and back in from a PageStore, serving its paging ring from a thread."""
 
-    def __init__(self, domid: int, store: PageStore, key: str | None = None, on_event: EventHook | None = None):
+    def __init__(self, domid: int, store: PageStore, key: str | None = None, on_event: EventHook | None = None,
+                 staging: StagedCopies | None = None):
         keep_freed_heap()
         self.xc = bindings.load()
         self.domid = domid
@@ -148,9 +152,9 @@ class DomainPager:
         self.out: set[int] = set(self.store.gfns(self.key))  # frames this domain has in the store
         self._lock = threading.RLock()  # page-out, page-in and the ring thread, one at a time per frame set
         self._loaded_pending: list[int] = []  # loaded frames the store has not forgotten yet
-        self.stage_limit = STAGE_LIMIT_PAGES
-        self._stage_wanted: set[int] = set()  # frames to hold in RAM while they are out (``stage``)
-        self._staged: dict[int, bytes] = {}  # ... and the copies held now (all of them out and in the store)
+        # Copies of frames that are out, held in dom0 RAM for the next wake (``stage``), under this pager's key;
+        # every copy held is of a frame that is out and in the store.
+        self.staging = staging if staging is not None else StagedCopies(STAGE_LIMIT_PAGES, STAGE_LIMIT_PAGES)
         self._last_busy = 0.0  # monotonic time of the last ring request or load (FLUSH_QUIET_SECONDS)
         self.batched_load: bool | None = None  # does the hypervisor have load_batch (0004)? None: not tried yet
         self.channel: bindings.VmEventChannel | None = None
@@ -214,6 +218,7 @@ class DomainPager:
             serving = serving or self._event_thread.is_alive()  # stuck in a hook: it may still answer
             self._event_thread = None
         self._flush_loaded()
+        self.staging.forget(self.key)  # (a cache: a successor pager stages again)
         if self.channel is not None:
             if (page_in_all or not self.out) and not serving:
                 self._disable_ring()
@@ -305,8 +310,7 @@ class DomainPager:
                 self.stats.released_pages = self.store.drop_domain(self.key)
                 self.out.clear()
                 self._loaded_pending.clear()
-            self._staged.clear()
-            self._stage_wanted.clear()
+            self.staging.forget(self.key)
         self.domain_gone.set()
         print(f"xenswap pager {self.domid}: the domain is gone; let go of its ring"
               f"{'' if twin else f' and forgot its {self.stats.released_pages} stored pages'}",
@@ -452,8 +456,7 @@ class DomainPager:
                     try:
                         self.ctrl.mem_paging_evict(self.domid, gfn)
                         evicted += 1
-                        if gfn in self._stage_wanted:
-                            self._staged[gfn] = pages[gfn]  # the bytes already copied: no second copy
+                        self.staging.hold(self.key, gfn, pages[gfn])  # if wanted; the bytes already copied
                     except OSError:
                         # Touched since nominate (Xen keeps the frame; the fault's answer maps it back) or still
                         # referenced: the store's copy is not needed.
@@ -483,7 +486,7 @@ class DomainPager:
         if not gfns:
             return 0
         started = time.perf_counter()
-        staged = {g: self._staged[g] for g in gfns if g in self._staged}
+        staged = {g: copy for g in gfns if (copy := self.staging.get(self.key, g)) is not None}
         pages = self.store.get_pages(self.key, [g for g in gfns if g not in staged])  # (none left: no query)
         pages.update(staged)
         self.stats.staged_loads += len(staged)
@@ -507,7 +510,7 @@ class DomainPager:
             done.append(gfn)
         self.out.difference_update(done)
         for gfn in done:  # back in the guest, which may change it: the copy is stale from now on
-            self._staged.pop(gfn, None)
+            self.staging.release(self.key, gfn)
         # Forgetting loaded frames is only tidying (a stale copy is never loaded: Xen refuses a load into a frame
         # that is not paged out, and a new page-out replaces it), so it is left out of the latency path of a fault
         # or a held event: the ring thread does it in its idle moments, page_in_all and close at their end.
@@ -560,22 +563,28 @@ class DomainPager:
     def stage(self, gfns: Iterable[int]) -> int:
         """Hold a copy in dom0 RAM of each of these frames while it is out, so that loading it reads no store;
         returns how many frames are held now. The first ``stage_limit`` of them in the given order (most wanted
-        first); replaces the previous set. The store keeps its copy as well (the durable one: a pager restart
-        starts with nothing staged).
+        first); replaces the previous set. Held within the process's budget (``staging``: a content several
+        domains hold is held once, and a full budget drops the copies of the domains that asked longest ago). The
+        store keeps its copy as well (the durable one: a pager restart starts with nothing staged).
 
         Why: the manager stages the predicted working sets of the domain's event types before it pages the domain
         out, so that an event's prefetch is a Xen load only. Measured in the rig's dom0 (bench/bench_xen.py): a
         wake loaded ~430 frames in ~0.11 s, ~80% of it reading and checking them in the store. The copies are the
         bytes the page-out took anyway; a frame already out is read from the store once, here, not on the wake."""
-        wanted = list(dict.fromkeys(int(g) for g in gfns))[:self.stage_limit]
         with self._lock:
-            self._stage_wanted = set(wanted)
-            for gfn in [g for g in self._staged if g not in self._stage_wanted]:
-                del self._staged[gfn]
-            missing = [g for g in wanted if g in self.out and g not in self._staged]
+            wanted = self.staging.want(self.key, gfns)
+            missing = [g for g in wanted if g in self.out and self.staging.get(self.key, g) is None]
             if missing:
-                self._staged.update(self.store.get_pages(self.key, missing))
-            return len(self._staged)
+                stored = self.store.get_pages(self.key, missing)
+                for gfn in missing:  # most wanted first: a full budget refuses the least wanted
+                    if gfn in stored:
+                        self.staging.hold(self.key, gfn, stored[gfn])
+            return self.staging.held_count(self.key)
+
+    @property
+    def stage_limit(self) -> int:
+        """At most this many frames of this domain are staged."""
+        return self.staging.per_owner
 
     def page_in_all(self) -> int:
         loaded = 0
