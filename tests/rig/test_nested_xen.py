@@ -95,7 +95,7 @@ def _failure_digest(out: str) -> str:
 def triple_faults(serial_log: Path) -> list[str]:
     """Xen's reports of guest triple faults in the rig's serial log (all of Xen's console, which ``xl dmesg``'s
     ring may have lost), each with the lines before it: hypervisor patch 0007's trace of the vCPU's last
-    VMRUN/#VMEXIT pairs."""
+    VMRUN/#VMEXIT pairs, and 0008's line on the frame at the guest's RIP (its p2m type, or the failed walk)."""
     lines = serial_log.read_text(errors="replace").splitlines()
     reports = []
     for index, line in enumerate(lines):

@@ -5,10 +5,10 @@ while dom0 pages out, once a second, every frame the guest did not touch in the 
 emulation of SVM this loses the guest within minutes, in one of two ways seen so far, both at the first
 instruction after a VMRUN (patch 0007's exit trace shows them): the #VMEXIT comes back with Xen's own state saved as
 the guest's (0007 names it in Xen's log), or the emulated CPU delivers a guest #PF for fetching the instruction at
-the VMRUN's RIP from a page the guest has mapped (the frame is paged out in the p2m: an NPT fault delivered as a
-guest fault), fails to deliver it and triple-faults. The test passes if the guest lives through the soak, or if it
-was lost in one of these two ways; any other loss fails it. Run it by hand, in a rig booted with
-``--xen patched``::
+the VMRUN's RIP from a page the guest has mapped, fails to deliver it and triple-faults (0008's line shows the
+frame present in the p2m, its walk too: the fault is the emulator's). The test passes if the guest lives
+through the soak, or if it was lost in one of these two ways; any other loss fails it. Run it by hand, in a rig
+booted with ``--xen patched``::
 
     xenswap rig run --timeout 1500 -- 'cd /mnt/checkout && python3 -m pytest -m soak -s tests/xen'
 
