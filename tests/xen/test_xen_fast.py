@@ -107,3 +107,17 @@ def test_candidate_versions_batched():
     versions = candidate_versions(["xen-utils-4.17", "libyajl2", "no-such-package-xyz"])
     assert versions["xen-utils-4.17"].startswith("4.17")
     assert "no-such-package-xyz" not in versions
+
+
+def test_stage_budget_comes_from_the_environment_and_a_bad_value_is_one_clear_error(monkeypatch):
+    from xenswap.errors import XenswapError
+    from xenswap.hv.xen.memory import STAGE_BUDGET_ENV, stage_budget_pages
+
+    monkeypatch.delenv(STAGE_BUDGET_ENV, raising=False)
+    assert stage_budget_pages() == 128 * 256  # 128 MiB of 4 KiB pages
+    monkeypatch.setenv(STAGE_BUDGET_ENV, "64")
+    assert stage_budget_pages() == 64 * 256
+    for bad in ("lots", "0", "-3", "1.5"):
+        monkeypatch.setenv(STAGE_BUDGET_ENV, bad)
+        with pytest.raises(XenswapError, match=rf"^{STAGE_BUDGET_ENV}='{bad}': .* whole number of MiB, at least 1$"):
+            stage_budget_pages()

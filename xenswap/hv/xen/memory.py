@@ -9,7 +9,7 @@
   frames; per frame Xen allocates, copies and maps it, as mem_paging_load does, the fallback without 0004);
 - stage (an optional extra the manager calls before a page-out): the pager keeps copies of a wake's predicted
   frames in dom0 RAM, so that prefetching them reads no store. The pagers of this process share one budget for
-  those copies (STAGE_BUDGET_PAGES), and a page several domains hold is held once (xenswap.core.staging).
+  those copies (STAGE_BUDGET_MIB), and a page several domains hold is held once (xenswap.core.staging).
 
 The guest keeps running while it is paged: a touch of an evicted frame pauses the vCPU and puts a request on
 the paging ring, which the pager's thread answers from the store. One pager (and ring) per domain and process:

@@ -77,7 +77,7 @@ DOMAIN_CHECK_SECONDS = 1.0
 KEPT_FREE_HEAP = 32 << 20
 # Frames per domain whose paged-out copies the pager keeps in dom0 RAM as well (``stage``): 4 MiB, ~2x a console
 # command's working set in the rig (bench/bench_xen.py). The pagers of one process share one budget for all their
-# domains (xenswap.core.staging; the manager's: xenswap.hv.xen.memory.STAGE_BUDGET_PAGES); a pager made without
+# domains (xenswap.core.staging; the manager's: xenswap.hv.xen.memory.STAGE_BUDGET_MIB); a pager made without
 # one has a budget of its own of this size.
 STAGE_LIMIT_PAGES = 1024
 M_TRIM_THRESHOLD = -1
