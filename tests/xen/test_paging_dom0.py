@@ -253,11 +253,11 @@ def test_staged_frames_load_from_dom0_ram_byte_for_byte(guest, store, monkeypatc
             chosen = sorted(pager.out)[::41][:pager.stage_limit]
             stored = store.get_pages(pager.key, chosen)
             monkeypatch.setattr(store, "get_pages", get_pages_noted)  # undone after the test
-            assert memory.stage(chosen) == len(chosen) == len(pager.staging.held(pager.key))
+            assert memory.stage(chosen) == len(chosen) == len(pager.staged())
             assert sorted(asked) == chosen  # read once, now
             asked.clear()
             assert pager.prefetch(chosen) == len(chosen)
-            assert asked == [] and pager.stats.staged_loads == len(chosen) and pager.staging.held(pager.key) == {}
+            assert asked == [] and pager.stats.staged_loads == len(chosen) and pager.staged() == {}
             with pager.fmem.map(domid, chosen) as mapping:
                 assert [bytes(mapping.page(i)) == stored[g] for i, g in enumerate(chosen)] == [True] * len(chosen)
 
@@ -265,14 +265,14 @@ def test_staged_frames_load_from_dom0_ram_byte_for_byte(guest, store, monkeypatc
             # the frames' accessed bits, which the page-out honours: cleared first, the guest is paused)
             memory.accessed_pages_and_clear()
             assert pager.page_out(chosen) >= len(chosen) - 8  # a frame Xen refuses at nominate stays in
-            staged = sorted(pager.staging.held(pager.key))
+            staged = sorted(pager.staged())
             assert staged == sorted(set(chosen) & pager.out) and asked == []
-            assert pager.staging.held(pager.key) == store.get_pages(pager.key, staged)
+            assert pager.staged() == store.get_pages(pager.key, staged)
             asked.clear()
             loads = pager.stats.staged_loads
             pager.prefetch(staged[:100])
             assert asked == [] and pager.stats.staged_loads == loads + 100
-            assert memory.stage([]) == 0 and pager.staging.held(pager.key) == {}  # a new set replaces the old one
+            assert memory.stage([]) == 0 and pager.staged() == {}  # a new set replaces the old one
             assert pager.prefetch(staged[100:200]) == 100
             assert sorted(asked) == staged[100:200]  # nothing held: from the store
         pager.page_in_all()

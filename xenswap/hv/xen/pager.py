@@ -152,9 +152,11 @@ class DomainPager:
         self.out: set[int] = set(self.store.gfns(self.key))  # frames this domain has in the store
         self._lock = threading.RLock()  # page-out, page-in and the ring thread, one at a time per frame set
         self._loaded_pending: list[int] = []  # loaded frames the store has not forgotten yet
-        # Copies of frames that are out, held in dom0 RAM for the next wake (``stage``), under this pager's key;
-        # every copy held is of a frame that is out and in the store.
+        # Copies of frames that are out, held in dom0 RAM for the next wake (``stage``); every copy held is of a
+        # frame that is out and in the store. Owned by (UUID, domid): an ``xl reboot`` makes a new domain with the
+        # same UUID, whose pager may run in this process beside the old one's.
         self.staging = staging if staging is not None else StagedCopies(STAGE_LIMIT_PAGES, STAGE_LIMIT_PAGES)
+        self._stage_owner = (self.key, domid)
         self._last_busy = 0.0  # monotonic time of the last ring request or load (FLUSH_QUIET_SECONDS)
         self.batched_load: bool | None = None  # does the hypervisor have load_batch (0004)? None: not tried yet
         self.channel: bindings.VmEventChannel | None = None
@@ -218,7 +220,7 @@ class DomainPager:
             serving = serving or self._event_thread.is_alive()  # stuck in a hook: it may still answer
             self._event_thread = None
         self._flush_loaded()
-        self.staging.forget(self.key)  # (a cache: a successor pager stages again)
+        self.staging.forget(self._stage_owner)  # (a cache: a successor pager stages again)
         if self.channel is not None:
             if (page_in_all or not self.out) and not serving:
                 self._disable_ring()
@@ -310,7 +312,7 @@ class DomainPager:
                 self.stats.released_pages = self.store.drop_domain(self.key)
                 self.out.clear()
                 self._loaded_pending.clear()
-            self.staging.forget(self.key)
+            self.staging.forget(self._stage_owner)
         self.domain_gone.set()
         print(f"xenswap pager {self.domid}: the domain is gone; let go of its ring"
               f"{'' if twin else f' and forgot its {self.stats.released_pages} stored pages'}",
@@ -456,7 +458,7 @@ class DomainPager:
                     try:
                         self.ctrl.mem_paging_evict(self.domid, gfn)
                         evicted += 1
-                        self.staging.hold(self.key, gfn, pages[gfn])  # if wanted; the bytes already copied
+                        self.staging.hold(self._stage_owner, gfn, pages[gfn])  # if wanted; the bytes already copied
                     except OSError:
                         # Touched since nominate (Xen keeps the frame; the fault's answer maps it back) or still
                         # referenced: the store's copy is not needed.
@@ -486,7 +488,7 @@ class DomainPager:
         if not gfns:
             return 0
         started = time.perf_counter()
-        staged = {g: copy for g in gfns if (copy := self.staging.get(self.key, g)) is not None}
+        staged = {g: copy for g in gfns if (copy := self.staging.get(self._stage_owner, g)) is not None}
         pages = self.store.get_pages(self.key, [g for g in gfns if g not in staged])  # (none left: no query)
         pages.update(staged)
         self.stats.staged_loads += len(staged)
@@ -510,7 +512,7 @@ class DomainPager:
             done.append(gfn)
         self.out.difference_update(done)
         for gfn in done:  # back in the guest, which may change it: the copy is stale from now on
-            self.staging.release(self.key, gfn)
+            self.staging.release(self._stage_owner, gfn)
         # Forgetting loaded frames is only tidying (a stale copy is never loaded: Xen refuses a load into a frame
         # that is not paged out, and a new page-out replaces it), so it is left out of the latency path of a fault
         # or a held event: the ring thread does it in its idle moments, page_in_all and close at their end.
@@ -572,19 +574,23 @@ class DomainPager:
         wake loaded ~430 frames in ~0.11 s, ~80% of it reading and checking them in the store. The copies are the
         bytes the page-out took anyway; a frame already out is read from the store once, here, not on the wake."""
         with self._lock:
-            wanted = self.staging.want(self.key, gfns)
-            missing = [g for g in wanted if g in self.out and self.staging.get(self.key, g) is None]
+            wanted = self.staging.want(self._stage_owner, gfns)
+            missing = [g for g in wanted if g in self.out and self.staging.get(self._stage_owner, g) is None]
             if missing:
                 stored = self.store.get_pages(self.key, missing)
                 for gfn in missing:  # most wanted first: a full budget refuses the least wanted
                     if gfn in stored:
-                        self.staging.hold(self.key, gfn, stored[gfn])
-            return self.staging.held_count(self.key)
+                        self.staging.hold(self._stage_owner, gfn, stored[gfn])
+            return self.staging.held_count(self._stage_owner)
 
     @property
     def stage_limit(self) -> int:
         """At most this many frames of this domain are staged."""
         return self.staging.per_owner
+
+    def staged(self) -> dict[int, bytes]:
+        """The copies held now for this domain: gfn -> content."""
+        return self.staging.held(self._stage_owner)
 
     def page_in_all(self) -> int:
         loaded = 0
