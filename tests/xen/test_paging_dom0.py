@@ -7,7 +7,6 @@ console (interdomain) or timer (VIRQ) event until the pager answers; a pager kil
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import os
 import re
@@ -19,8 +18,8 @@ import time
 from pathlib import Path
 
 import pytest
+from paging_helpers import frozen, page_out_to_working_set, paged_to_working_set, serving
 
-from xenswap.core.page_store import PageStore
 from xenswap.hv.xen import bindings, xl
 
 pytestmark = [pytest.mark.dom0, pytest.mark.usefixtures("patched_xen")]
@@ -55,37 +54,6 @@ def guest(pvh_guest):
     # A heartbeat every second: "HB <n>" (n counts up; the log shows the guest ran while it was paged).
     xl.console_command(pvh_guest.name, "(n=0; while :; do n=$((n+1)); echo HB $n; sleep 1; done) >/dev/hvc0 &")
     return pvh_guest, expected
-
-
-@contextlib.contextmanager
-def serving(domid: int, store: PageStore):
-    """A pager for one test that gives every frame back at its end, also when the test fails: the module's next
-    test then starts from a guest with all its memory, so a failure stays the failing test's."""
-    from xenswap.hv.xen.pager import DomainPager
-
-    pager = DomainPager(domid, store).open()
-    try:
-        yield pager
-        assert pager.stats.serve_errors == 0, "the ring thread reported errors (stderr)"
-    finally:
-        pager.close(page_in_all=True)
-
-
-@contextlib.contextmanager
-def frozen(pager):
-    """The domain paused and the pager's lock held: no fault may page a frame the test chose in meanwhile."""
-    pager._xc.domain_pause(pager.domid)
-    try:
-        with pager._lock:
-            yield
-    finally:
-        pager._xc.domain_unpause(pager.domid)
-
-
-def page_out_to_working_set(memory, window: float = 3.0) -> tuple[int, list[int]]:
-    memory.accessed_pages_and_clear()  # the first is coarse (superpages), and splits them
-    time.sleep(window)
-    return memory.page_out_cold(window, intervals=2)  # two intervals: what the guest uses now, conservatively
 
 
 def test_ring_is_refused_a_second_time_while_enabled(guest):
@@ -185,14 +153,9 @@ def test_batched_load_gives_back_identical_frames_and_enoent_per_frame(guest, st
     """load_batch (patch 0004): one hypercall loads a batch; a frame that is not paged out gets ENOENT without
     stopping the others; the frames Xen maps are byte for byte the stored copies; the pager's page-in (batched)
     then brings the rest back, its bookkeeping exact, and the guest's file has the same md5sum."""
-    from xenswap.hv.xen.memory import XenMemory
-
     spec, expected = guest
     domid = xl.domid(spec.name)
-    with serving(domid, store) as pager:
-        memory = XenMemory(domid, pager)
-        evicted, hot = page_out_to_working_set(memory)
-        assert evicted > memory.guest_pages() * 3 // 4
+    with paged_to_working_set(domid, store) as (pager, _, hot):
         with frozen(pager):
             chosen = sorted(pager.out)[::97][:300]
             resident = [g for g in hot if g not in pager.out][:2]
@@ -233,14 +196,9 @@ def test_staged_frames_load_from_dom0_ram_byte_for_byte(guest, store, monkeypatc
     """``stage``: frames already out are read from the store once, at the call; frames paged out afterwards keep
     the bytes the page-out copied. Loading a staged frame asks the store nothing, Xen maps exactly the stored
     bytes, and the copy is dropped once the frame is back in the guest."""
-    from xenswap.hv.xen.memory import XenMemory
-
     spec, expected = guest
     domid = xl.domid(spec.name)
-    with serving(domid, store) as pager:
-        memory = XenMemory(domid, pager)
-        evicted, _ = page_out_to_working_set(memory)
-        assert evicted > memory.guest_pages() * 3 // 4
+    with paged_to_working_set(domid, store) as (pager, memory, _):
         asked: list[int] = []
         read = store.get_pages
 
