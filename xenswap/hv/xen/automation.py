@@ -370,24 +370,27 @@ class Automation:
                              f"freed={self.last_share['freed_frames']}")
 
 
-def paged_out_frames(domids: list[int]) -> dict[int, set[int]]:
-    """Frames this process's pager has evicted, per domain: the sharer must not map them (mapping a paged-out
-    frame makes Xen page it back in). Reads the pager registry of xenswap.hv.xen.memory."""
+def _pager_registry():  # -> the module xenswap.hv.xen.memory, or None
+    """This process's pagers live in xenswap.hv.xen.memory (None where it does not load: no paging bindings)."""
     try:
         from xenswap.hv.xen import memory
     except ImportError:
-        return {}
+        return None
+    return memory
+
+
+def paged_out_frames(domids: list[int]) -> dict[int, set[int]]:
+    """Frames this process's pager has evicted, per domain: the sharer must not map them (mapping a paged-out
+    frame makes Xen page it back in). Reads the pager registry of xenswap.hv.xen.memory."""
+    memory = _pager_registry()
     pagers = getattr(memory, "_pagers", {})
     return {domid: set(pagers[domid].out) for domid in domids if domid in pagers}
 
 
 def staged_copies():  # -> xenswap.core.staging.StagingStats | None
-    """What this process's pagers hold staged in dom0 RAM (xenswap.hv.xen.memory); None without a pager."""
-    try:
-        from xenswap.hv.xen import memory
-    except ImportError:
-        return None
-    return memory.staging_stats()
+    """What this process's pagers hold staged in dom0 RAM; None without a pager."""
+    memory = _pager_registry()
+    return None if memory is None else memory.staging_stats()
 
 
 def _figure(value: float | None) -> str:
